@@ -1,0 +1,52 @@
+"""sam_optax: sharpness-aware minimization (SAM) and its variants as optax transforms.
+
+Every transform returns the gradient the base optimizer should use, so it goes
+first in an ``optax.chain``::
+
+  tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
+  updates, state = tx.update(grads, state, params, loss_fn=loss_fn, batch=batch)
+
+``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``).
+"""
+
+from sam_optax._asam import adaptive_scale
+from sam_optax._asam import asam
+from sam_optax._asam import not_bias_mask
+from sam_optax._contract import LossFn
+from sam_optax._f_sam import f_sam
+from sam_optax._f_sam import friendly_ascent
+from sam_optax._f_sam import FriendlyAscentState
+from sam_optax._n_sam import ascent_set_ascent
+from sam_optax._n_sam import n_sam
+from sam_optax._perturbation import global_norm
+from sam_optax._perturbation import NORM_EPS
+from sam_optax._perturbation import perturbation
+from sam_optax._perturbation import perturbed_gradient
+from sam_optax._sam import clean_gradient_ascent
+from sam_optax._sam import sam
+from sam_optax._sam import usam
+from sam_optax._transform import AscentDirection
+from sam_optax._transform import sharpness_aware
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "AscentDirection",
+    "FriendlyAscentState",
+    "LossFn",
+    "NORM_EPS",
+    "adaptive_scale",
+    "asam",
+    "ascent_set_ascent",
+    "clean_gradient_ascent",
+    "f_sam",
+    "friendly_ascent",
+    "global_norm",
+    "n_sam",
+    "not_bias_mask",
+    "perturbation",
+    "perturbed_gradient",
+    "sam",
+    "sharpness_aware",
+    "usam",
+)

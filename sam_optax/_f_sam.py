@@ -1,0 +1,121 @@
+"""F-SAM (Friendly SAM): the ascent along the batch-specific gradient noise."""
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _contract
+from sam_optax import _transform
+
+
+class FriendlyAscentState(NamedTuple):
+  """State of F-SAM's ascent direction.
+
+  Attributes:
+    count: the number of steps taken (int32).
+    momentum: ``m``, the EMA of clean gradients estimating the full gradient.
+  """
+
+  count: jax.Array
+  momentum: optax.Updates
+
+
+def friendly_ascent(
+    sigma: ArrayLike = 1.0,
+    lmbda: ArrayLike = 0.6,
+    momentum_in_direction: Literal["previous", "current"] = "previous",
+) -> _transform.AscentDirection:
+  """F-SAM's ascent direction: the clean gradient minus its EMA.
+
+  ``"previous"`` (the official code): step 1 uses ``d_1 = g_1`` and sets
+  ``m_1 = g_1``; later ``d_t = g_t − σ m_{t−1}``, then
+  ``m_t = λ m_{t−1} + (1−λ) g_t``.
+  ``"current"`` (the paper's formula): ``m_0 = 0``,
+  ``m_t = λ m_{t−1} + (1−λ) g_t`` first, then ``d_t = g_t − σ m_t``.
+  """
+  if momentum_in_direction not in ("previous", "current"):
+    raise ValueError(
+        "f_sam: momentum_in_direction must be 'previous' or 'current', got"
+        f" {momentum_in_direction!r}."
+    )
+
+  def init(params: optax.Params) -> FriendlyAscentState:
+    return FriendlyAscentState(
+        count=jnp.zeros([], jnp.int32), momentum=optax.tree.zeros_like(params)
+    )
+
+  def direction(
+      updates: optax.Updates | None,
+      state: FriendlyAscentState,
+      params: optax.Params,
+      *,
+      loss_fn: _contract.LossFn,
+      batch: Any,
+      key: jax.Array | None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, FriendlyAscentState]:
+    del key, extra_args
+    gradient = _transform.clean_gradient_or_compute(
+        updates, params, loss_fn, batch
+    )
+    ema = optax.tree.update_moment(gradient, state.momentum, lmbda, 1)
+    if momentum_in_direction == "current":
+      momentum = ema
+      ascent = optax.tree.add_scale(gradient, -sigma, momentum)
+    else:
+      first = state.count == 0
+      momentum = optax.tree.where(first, gradient, ema)
+      ascent = optax.tree.where(
+          first, gradient,
+          optax.tree.add_scale(gradient, -sigma, state.momentum),
+      )
+    momentum = optax.tree.cast_like(momentum, state.momentum)
+    new_state = FriendlyAscentState(
+        count=optax.safe_increment(state.count), momentum=momentum
+    )
+    return ascent, new_state
+
+  return _transform.AscentDirection(init=init, direction=direction)
+
+
+def f_sam(
+    rho: ArrayLike = 0.05,
+    sigma: ArrayLike = 1.0,
+    lmbda: ArrayLike = 0.6,
+    *,
+    momentum_in_direction: Literal["previous", "current"] = "previous",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly SAM (F-SAM): remove the EMA of gradients from the ascent.
+
+  .. math::
+    d_t = g_B - \sigma m_{t-1}, \quad
+    \varepsilon = \rho\, d_t / (\|d_t\| + \delta), \quad
+    m_t = \lambda m_{t-1} + (1-\lambda) g_B, \quad
+    \text{returns } \nabla L_B(w + \varepsilon),
+
+  with ``m_1 = g_B`` and a plain SAM step first, as in the official code
+  (``momentum_in_direction="previous"``). ``"current"`` uses the paper's
+  ``d_t = g_B − σ m_t`` with ``m_0 = 0``. ``sigma = 0`` is :func:`sam`.
+
+  Args:
+    rho: the perturbation radius ``ρ``.
+    sigma: ``σ``, how much of the EMA (the full-gradient estimate) to remove.
+    lmbda: ``λ``, the EMA's decay.
+    momentum_in_direction: ``"previous"`` (official code) or ``"current"``
+      (paper).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`FriendlyAscentState`.
+
+  References:
+    Li et al., `Friendly Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
+  """
+  return _transform.sharpness_aware(
+      friendly_ascent(sigma, lmbda, momentum_in_direction), rho,
+      normalize=True, name="f_sam",
+  )

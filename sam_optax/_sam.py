@@ -1,0 +1,94 @@
+"""Mini-batch SAM and USAM: the ascent taken along the clean batch gradient."""
+
+from typing import Any
+
+import jax
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _contract
+from sam_optax import _transform
+
+
+def clean_gradient_ascent() -> _transform.AscentDirection:
+  """The ascent direction ``d = g_B = ∇L_B(w)`` (stateless).
+
+  Uses the clean gradient passed as ``updates``; computes it from ``loss_fn``
+  and ``batch`` when ``updates`` is None.
+  """
+
+  def direction(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params,
+      *,
+      loss_fn: _contract.LossFn,
+      batch: Any,
+      key: jax.Array | None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    del key, extra_args
+    return (
+        _transform.clean_gradient_or_compute(updates, params, loss_fn, batch),
+        state,
+    )
+
+  return _transform.AscentDirection(
+      init=lambda params: optax.EmptyState(), direction=direction
+  )
+
+
+def sam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
+  r"""Mini-batch sharpness-aware minimization (SAM).
+
+  .. math::
+    \varepsilon = \rho\, g_B / (\|g_B\| + \delta), \qquad
+    \text{returns } \nabla L_B(w + \varepsilon),
+
+  where ``g_B = ∇L_B(w)`` is the clean gradient (``updates``, or computed from
+  ``loss_fn`` and ``batch`` when ``updates`` is None) and ``δ = 1e-12``. Chain
+  a base optimizer after it::
+
+    tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1, momentum=0.9))
+    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+                               batch=batch)
+
+  ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``).
+
+  Args:
+    rho: the perturbation radius ``ρ``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+  """
+  return _transform.sharpness_aware(
+      clean_gradient_ascent(), rho, normalize=True, name="sam"
+  )
+
+
+def usam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
+  r"""Unnormalized SAM (USAM).
+
+  .. math::
+    \varepsilon = \rho\, g_B, \qquad \text{returns } \nabla L_B(w + \varepsilon).
+
+  On a quadratic loss this is exactly ``g_B + ρ H g_B``, the gradient of
+  ``L_B + (ρ/2)‖g_B‖²``.
+
+  Args:
+    rho: the perturbation radius ``ρ``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Andriushchenko & Flammarion, `Towards Understanding Sharpness-Aware
+    Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022.
+  """
+  return _transform.sharpness_aware(
+      clean_gradient_ascent(), rho, normalize=False, name="usam"
+  )

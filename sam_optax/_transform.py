@@ -1,0 +1,136 @@
+"""One transform for the whole family: an ascent direction, then the SAM step.
+
+A variant of SAM is an :class:`AscentDirection` (how ``d`` is chosen, with any
+state it keeps) plus the options of :func:`sharpness_aware` (normalized or not,
+ASAM's elementwise scale or not). ``sam``, ``usam``, ``n_sam``, ``asam`` and
+``f_sam`` are such pairs; new variants are small additions, not copies.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _contract
+from sam_optax import _perturbation
+
+
+class DirectionFn(Protocol):
+  """``(updates, state, params, *, loss_fn, batch, key, **extra) -> (d, state)``.
+
+  ``updates`` is the clean mean gradient ``∇L_B(w)`` or None; a direction that
+  needs it computes it when it is None.
+  """
+
+  def __call__(
+      self,
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params,
+      *,
+      loss_fn: _contract.LossFn,
+      batch: Any,
+      key: jax.Array | None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    ...
+
+
+class AscentDirection(NamedTuple):
+  """How a variant picks its ascent direction ``d``.
+
+  Attributes:
+    init: ``params -> state`` of the direction (``optax.EmptyState()`` if none).
+    direction: a :class:`DirectionFn`.
+  """
+
+  init: Callable[[optax.Params], optax.OptState]
+  direction: DirectionFn
+
+
+def clean_gradient_or_compute(
+    updates: optax.Updates | None,
+    params: optax.Params,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+) -> optax.Updates:
+  """The clean gradient ``∇L_B(w)``: ``updates`` if given, else computed."""
+  if updates is not None:
+    return updates
+  return _contract.mean_gradient(loss_fn, params, batch)
+
+
+def _check_same_structure(updates: Any, params: Any, name: str) -> None:
+  if updates is None:
+    return
+  if jax.tree.structure(updates) != jax.tree.structure(params):
+    raise ValueError(
+        f"{name}: `updates` (the clean gradient) must have the structure of"
+        f" `params`; got {jax.tree.structure(updates)} and"
+        f" {jax.tree.structure(params)}."
+    )
+
+
+def sharpness_aware(
+    ascent: AscentDirection,
+    rho: ArrayLike,
+    *,
+    normalize: bool = True,
+    scale_fn: Callable[[optax.Params], Any] | None = None,
+    name: str = "sharpness_aware",
+) -> optax.GradientTransformationExtraArgs:
+  r"""The SAM step around any ascent direction.
+
+  .. math::
+    u = T \odot d, \quad
+    \varepsilon = \rho\, T \odot u / (\|u\| + \delta)
+    \ (\text{or } \rho\, T \odot u \text{ if not normalized}), \quad
+    \text{returns } \nabla L_B(w + \varepsilon),
+
+  with ``d`` from ``ascent`` and ``T = scale_fn(w)`` (``T = 1`` if None).
+
+  Args:
+    ascent: the ascent direction and its state.
+    rho: the perturbation radius ``ρ >= 0``.
+    normalize: SAM-style normalized ascent (True) or USAM-style (False).
+    scale_fn: ``params -> T``, ASAM's elementwise scale, or None.
+    name: the name used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``loss_fn`` and ``batch`` (and ``key``) as keyword arguments and returns
+    ``∇L_B(w+ε)``. Its state is the ascent direction's state.
+  """
+  _contract.check_rho(rho, name)
+
+  def update_fn(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    params = _contract.require(params, "params", name)
+    loss_fn = _contract.require(loss_fn, "loss_fn", name)
+    batch = _contract.require(batch, "batch", name)
+    _check_same_structure(updates, params, name)
+    _contract.check_per_example_losses(loss_fn, params, batch, name)
+    direction, state = ascent.direction(
+        updates, state, params, loss_fn=loss_fn, batch=batch, key=key,
+        **extra_args,
+    )
+    scale = scale_fn(params) if scale_fn is not None else None
+    epsilon = _perturbation.perturbation(
+        direction, rho, normalize=normalize, scale=scale
+    )
+    return (
+        _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),
+        state,
+    )
+
+  return optax.GradientTransformationExtraArgs(ascent.init, update_fn)
