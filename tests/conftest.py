@@ -1,5 +1,7 @@
 """Shared test settings: hypothesis profiles sized for a 2-core CPU."""
 
+import os
+
 import hypothesis
 
 # Jitted code compiles on first use, so per-example deadlines are meaningless.
@@ -11,4 +13,4 @@ hypothesis.settings.register_profile(
     "thorough", max_examples=200, deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
-hypothesis.settings.load_profile("default")
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
