@@ -214,3 +214,17 @@ class BadInputTest(chex.TestCase):
       self.assertTrue(bool(jnp.all(jnp.isfinite(leaf))))
     chex.assert_trees_all_close(updates, jax.tree.map(jnp.zeros_like, params),
                                 atol=1e-7)
+
+
+def test_rho_schedule_through_inject_hyperparams():
+  # optax's own mechanism schedules ρ: step t uses rho=schedule(t).
+  params, batch = mlp_setup(4)
+  schedule = optax.linear_schedule(0.0, 0.2, transition_steps=4)
+  tx = optax.inject_hyperparams(sam_optax.sam)(rho=schedule)
+  state = tx.init(params)
+  step = jax.jit(lambda s, p: tx.update(None, s, p, loss_fn=mlp_loss,
+                                        batch=batch))
+  for t in range(3):
+    updates, state = step(state, params)
+    reference = one_step(sam_optax.sam(float(schedule(t))), params, batch)
+    chex.assert_trees_all_close(updates, reference, rtol=1e-5, atol=1e-7)
