@@ -16,12 +16,23 @@ from sam_optax._contract import LossFn
 from sam_optax._f_sam import f_sam
 from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
+from sam_optax._gradient_norms import calibrate_sigma
+from sam_optax._gradient_norms import directional_derivative_estimate
+from sam_optax._gradient_norms import finite_difference_gradient_norms
+from sam_optax._gradient_norms import per_example_gradient_norms
+from sam_optax._gradient_norms import rademacher_like
+from sam_optax._gradient_norms import SigmaCalibration
 from sam_optax._n_sam import ascent_set_ascent
 from sam_optax._n_sam import n_sam
 from sam_optax._perturbation import global_norm
 from sam_optax._perturbation import NORM_EPS
 from sam_optax._perturbation import perturbation
 from sam_optax._perturbation import perturbed_gradient
+from sam_optax._rw_sam import gibbs_weights
+from sam_optax._rw_sam import ReweightedAscentState
+from sam_optax._rw_sam import reweighted_ascent
+from sam_optax._rw_sam import rw_asam
+from sam_optax._rw_sam import rw_sam
 from sam_optax._sam import clean_gradient_ascent
 from sam_optax._sam import sam
 from sam_optax._sam import usam
@@ -35,17 +46,28 @@ __all__ = (
     "FriendlyAscentState",
     "LossFn",
     "NORM_EPS",
+    "ReweightedAscentState",
+    "SigmaCalibration",
     "adaptive_scale",
     "asam",
     "ascent_set_ascent",
+    "calibrate_sigma",
     "clean_gradient_ascent",
+    "directional_derivative_estimate",
     "f_sam",
+    "finite_difference_gradient_norms",
     "friendly_ascent",
+    "gibbs_weights",
     "global_norm",
     "n_sam",
     "not_bias_mask",
+    "per_example_gradient_norms",
     "perturbation",
     "perturbed_gradient",
+    "rademacher_like",
+    "reweighted_ascent",
+    "rw_asam",
+    "rw_sam",
     "sam",
     "sharpness_aware",
     "usam",

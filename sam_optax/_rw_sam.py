@@ -1,0 +1,326 @@
+"""RW-SAM: the ascent reweighted towards examples with large gradients.
+
+2509.18001 (§4, Algorithm 1). The ascent direction is the gradient of a
+weighted batch loss, ``g_p = ∇ Σ_i p_i ℓ_i(w)``, with Gibbs weights
+``p = softmax(ŝ/λ)`` of the (normalized) per-example gradient norms
+``s_i ≈ ‖∇ℓ_i(w)‖``, estimated by finite differences along a Rademacher probe.
+The descent gradient handed on is the plain mean ``∇L_B(w+ε)``: the weights
+shape the ascent only. RW-ASAM takes the same direction with ASAM's scale.
+"""
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _asam
+from sam_optax import _contract
+from sam_optax import _gradient_norms
+from sam_optax import _perturbation
+from sam_optax import _transform
+
+Normalization = Literal["mean", "zscore", "none"]
+GradientNorms = Literal["finite_difference", "exact"]
+
+
+class ReweightedAscentState(NamedTuple):
+  """RW-SAM's state: diagnostics of the last step (zeros before the first).
+
+  They come from the step's own passes, at no extra cost. Read them from a
+  chain's state with e.g. ``optax.tree.get(opt_state, "clean_loss")``.
+
+  Attributes:
+    clean_loss: ``L_B(w) = mean_i ℓ_i(w)``, at the unperturbed parameters.
+    gradient_norm_mean: ``mean_i s_i``, the per-example gradient norms (or
+      their estimates) before normalization.
+    gradient_norm_std: ``std_i s_i``: their spread over the batch.
+    gradient_norm_max: ``max_i s_i``.
+    weight_entropy: ``H(p) = −Σ_i p_i log p_i``, in ``[0, log B]``
+      (``log B``: uniform weights, mini-batch SAM).
+    effective_sample_size: ``1 / Σ_i p_i²``, in ``[1, B]``: how many examples
+      the ascent effectively uses.
+  """
+
+  clean_loss: jax.Array
+  gradient_norm_mean: jax.Array
+  gradient_norm_std: jax.Array
+  gradient_norm_max: jax.Array
+  weight_entropy: jax.Array
+  effective_sample_size: jax.Array
+
+
+def normalize_norms(norms: jax.Array, normalize: Normalization = "mean"
+                    ) -> jax.Array:
+  """``ŝ`` from ``s``: ``"mean"``: ``s / (mean s + δ)``; ``"zscore"``:
+  ``(s − mean s) / (std s + δ)``; ``"none"``: ``s`` (``δ = 1e-12``)."""
+  norms = norms.astype(jnp.float32)
+  if normalize == "mean":
+    return norms / (jnp.mean(norms) + _perturbation.NORM_EPS)
+  if normalize == "zscore":
+    return (norms - jnp.mean(norms)) / (jnp.std(norms)
+                                        + _perturbation.NORM_EPS)
+  if normalize == "none":
+    return norms
+  raise ValueError(
+      f"normalize must be 'mean', 'zscore' or 'none', got {normalize!r}."
+  )
+
+
+def gibbs_weights(norms: jax.Array, lam: ArrayLike,
+                  normalize: Normalization = "mean") -> jax.Array:
+  """RW-SAM's weights ``p = softmax(ŝ/λ)`` (2509.18001, Eq. 20).
+
+  ``λ = inf`` gives uniform weights (mini-batch SAM); a small ``λ`` puts them
+  on the examples with the largest norms. Equal norms give uniform weights.
+
+  Args:
+    norms: per-example gradient norms ``s`` (or estimates), shape ``[B]``.
+    lam: the temperature ``λ > 0`` (``jnp.inf`` allowed).
+    normalize: see :func:`normalize_norms`.
+
+  Returns:
+    float32 weights of shape ``[B]``, summing to 1.
+  """
+  return jax.nn.softmax(
+      normalize_norms(norms, normalize) / jnp.asarray(lam, jnp.float32))
+
+
+def _diagnostics(losses: jax.Array, norms: jax.Array,
+                 weights: jax.Array) -> ReweightedAscentState:
+  return ReweightedAscentState(
+      clean_loss=jnp.mean(losses.astype(jnp.float32)),
+      gradient_norm_mean=jnp.mean(norms),
+      gradient_norm_std=jnp.std(norms),
+      gradient_norm_max=jnp.max(norms),
+      weight_entropy=jnp.sum(jax.scipy.special.entr(weights)),
+      effective_sample_size=1.0 / jnp.sum(jnp.square(weights)),
+  )
+
+
+def _check_positive(value: ArrayLike, argument: str, name: str) -> None:
+  try:
+    positive = float(value) > 0
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not positive:
+    raise ValueError(f"{name}: {argument} must be > 0, got {value}.")
+
+
+def reweighted_ascent(
+    lam: ArrayLike = 0.5,
+    *,
+    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+    num_probes: int = 1,
+    normalize: Normalization = "mean",
+    gradient_norms: GradientNorms = "finite_difference",
+    difference: _gradient_norms.Difference = "forward",
+    probe_in_float32: bool = True,
+    microbatch_size: int | None = None,
+    name: str = "rw_sam",
+) -> _transform.AscentDirection:
+  """RW-SAM's ascent direction ``g_p = ∇ Σ_i p_i ℓ_i(w)``, ``p = softmax(ŝ/λ)``.
+
+  One step: (1) ``ℓ(w)`` and its VJP (one forward); (2) the norm estimates
+  ``s_i = |Δ_i|/σ`` from ``num_probes`` forward passes at ``w + σv``
+  (:func:`sam_optax.finite_difference_gradient_norms`), or the exact norms
+  (``gradient_norms="exact"``, ``B`` backward passes, for validation and
+  ablation); (3) the weights ``p`` (:func:`gibbs_weights`), held constant;
+  (4) ``g_p``, pulling ``p`` back through the VJP of (1) (one backward). The
+  clean gradient ``updates`` is not used. The state is a
+  :class:`ReweightedAscentState`.
+
+  The finite-difference mode needs the keyword argument ``key`` in
+  ``update``; the exact mode ignores it. See :func:`rw_sam` for the
+  arguments.
+  """
+  if normalize not in ("mean", "zscore", "none"):
+    raise ValueError(
+        f"{name}: normalize must be 'mean', 'zscore' or 'none', got"
+        f" {normalize!r}."
+    )
+  if gradient_norms not in ("finite_difference", "exact"):
+    raise ValueError(
+        f"{name}: gradient_norms must be 'finite_difference' or 'exact', got"
+        f" {gradient_norms!r}."
+    )
+  _check_positive(lam, "lam", name)
+  _gradient_norms.check_probe_options(sigma, num_probes, difference, name)
+
+  def init(params: optax.Params) -> ReweightedAscentState:
+    del params
+    zero = jnp.zeros([], jnp.float32)
+    return ReweightedAscentState(*([zero] * len(ReweightedAscentState._fields)))
+
+  def direction(
+      updates: optax.Updates | None,
+      state: ReweightedAscentState,
+      params: optax.Params,
+      *,
+      loss_fn: _contract.LossFn,
+      batch: Any,
+      key: jax.Array | None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, ReweightedAscentState]:
+    del updates, state, extra_args  # the clean gradient is not needed
+    if gradient_norms == "finite_difference" and key is None:
+      raise TypeError(
+          f"{name}.update needs the keyword argument `key`, a PRNG key for"
+          " the Rademacher probes that estimate per-example gradient norms;"
+          " pass a new one each step, e.g. key=jax.random.fold_in(key, step)."
+          " (gradient_norms='exact' needs no key.)"
+      )
+    losses, pullback = jax.vjp(lambda p: loss_fn(p, batch), params)
+    if gradient_norms == "exact":
+      norms = _gradient_norms.per_example_gradient_norms(
+          loss_fn, params, batch, microbatch_size=microbatch_size)
+    else:
+      norms = _gradient_norms.finite_difference_gradient_norms(
+          loss_fn, params, batch, key, sigma=sigma, num_probes=num_probes,
+          losses=losses, difference=difference,
+          probe_in_float32=probe_in_float32)
+    weights = jax.lax.stop_gradient(gibbs_weights(norms, lam, normalize))
+    (ascent,) = pullback(weights.astype(losses.dtype))
+    return ascent, _diagnostics(losses, norms, weights)
+
+  return _transform.AscentDirection(init=init, direction=direction)
+
+
+def rw_sam(
+    rho: ArrayLike = 0.05,
+    lam: ArrayLike = 0.5,
+    *,
+    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+    num_probes: int = 1,
+    normalize: Normalization = "mean",
+    gradient_norms: GradientNorms = "finite_difference",
+    difference: _gradient_norms.Difference = "forward",
+    probe_in_float32: bool = True,
+    microbatch_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Reweighted SAM (RW-SAM).
+
+  .. math::
+    s_i = \frac{|\ell_i(w + \sigma v) - \ell_i(w)|}{\sigma}, \quad
+    p = \mathrm{softmax}(\hat s / \lambda), \quad
+    g_p = \nabla \textstyle\sum_i p_i \ell_i(w), \quad
+    \varepsilon = \rho\, g_p / (\|g_p\| + \delta), \quad
+    \text{returns } \nabla L_B(w + \varepsilon),
+
+  with ``v`` a Rademacher probe over every leaf, ``ŝ = s / (mean s + δ)``
+  (``normalize="mean"``) and ``p`` held constant. ``λ → ∞`` is :func:`sam`;
+  a small ``λ`` concentrates the ascent on the examples with the largest
+  gradients. One step costs two forward-backward passes plus one forward per
+  probe, like SAM plus one forward; ``updates`` (the clean gradient) is not
+  used, so under ``jit`` it costs nothing and may be None. Pass a new PRNG
+  key each step::
+
+    tx = optax.chain(sam_optax.rw_sam(rho=0.05, lam=0.5),
+                     optax.sgd(0.1, momentum=0.9))
+    updates, opt_state = tx.update(
+        None, opt_state, params, loss_fn=loss_fn, batch=batch,
+        key=jax.random.fold_in(probe_key, step))
+    ess = optax.tree.get(opt_state, "effective_sample_size")
+
+  ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``). The
+  state (:class:`ReweightedAscentState`) holds diagnostics of the last step.
+
+  Args:
+    rho: the perturbation radius ``ρ``.
+    lam: the temperature ``λ > 0`` of the weights (0.5 in the paper; ``jnp.inf``
+      gives SAM).
+    sigma: the probe scale ``σ > 0``. The default 1e-4 suits float32 models
+      from small CNNs to ResNet-18 (see ``DEFAULT_SIGMA`` in
+      ``sam_optax._gradient_norms``); the paper calibrates it before
+      training: :func:`calibrate_sigma`.
+    num_probes: probes ``K``; ``s_i = sqrt(mean_k Δ_ik²)/σ`` (``K = 1`` in the
+      paper). Each adds a forward pass.
+    normalize: how ``s`` is normalized before the softmax: ``"mean"``
+      (``s / mean s``, makes ``λ`` scale-free), ``"zscore"`` or ``"none"``.
+    gradient_norms: ``"finite_difference"`` (the paper), or ``"exact"``:
+      ``s_i = ‖∇ℓ_i‖`` from a ``vmap`` of ``grad`` (``B`` backward passes;
+      for validation and ablation).
+    difference: ``"forward"`` (the paper; reuses ``ℓ(w)``) or ``"central"``
+      (two forwards per probe, error ``O(σ²)``).
+    probe_in_float32: evaluate the probe pass with bfloat16/float16 leaves
+      promoted to float32, where ``w + σv`` does not round back to ``w``
+      (this costs one more float32 forward for its baseline ``ℓ(w)``);
+      float32 parameters are unaffected.
+    microbatch_size: examples per chunk in the exact mode (divides ``B``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`ReweightedAscentState`.
+
+  References:
+    `Unveiling m-Sharpness Through the Structure of Stochastic Gradient
+    Noise <https://arxiv.org/abs/2509.18001>`_, 2025 (§4, Algorithm 1).
+  """
+  return _transform.sharpness_aware(
+      reweighted_ascent(
+          lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
+          gradient_norms=gradient_norms, difference=difference,
+          probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
+          name="rw_sam"),
+      rho, normalize=True, name="rw_sam",
+  )
+
+
+def rw_asam(
+    rho: ArrayLike = 0.5,
+    lam: ArrayLike = 0.5,
+    eta: ArrayLike = 0.01,
+    *,
+    mask: _asam.Mask = _asam.not_bias_mask,
+    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+    num_probes: int = 1,
+    normalize: Normalization = "mean",
+    gradient_norms: GradientNorms = "finite_difference",
+    difference: _gradient_norms.Difference = "forward",
+    probe_in_float32: bool = True,
+    microbatch_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Reweighted ASAM: RW-SAM's weighted ascent with ASAM's scale.
+
+  .. math::
+    T = |w| + \eta, \quad
+    \varepsilon = \rho\, T^2 g_p / (\|T g_p\| + \delta), \quad
+    \text{returns } \nabla L_B(w + \varepsilon),
+
+  with ``g_p`` RW-SAM's reweighted gradient (see :func:`rw_sam`) and ``T = 1``
+  where ``mask`` is False (see :func:`asam`). ``λ → ∞`` is :func:`asam`.
+  Needs ``key`` in ``update`` like :func:`rw_sam`.
+
+  Args:
+    rho: the radius ``ρ`` (ASAM scale; e.g. 0.5 on CIFAR-10).
+    lam: the temperature ``λ`` of the weights.
+    eta: ``η``, the offset of ASAM's scale.
+    mask: the leaves ASAM scales (default: all but those named ``bias``).
+    sigma: see :func:`rw_sam`.
+    num_probes: see :func:`rw_sam`.
+    normalize: see :func:`rw_sam`.
+    gradient_norms: see :func:`rw_sam`.
+    difference: see :func:`rw_sam`.
+    probe_in_float32: see :func:`rw_sam`.
+    microbatch_size: see :func:`rw_sam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`ReweightedAscentState`.
+
+  References:
+    2509.18001 (Table 9); Kwon et al., `ASAM
+    <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+  """
+  if isinstance(eta, (int, float)) and eta < 0:
+    raise ValueError(f"rw_asam: eta must be >= 0, got {eta}.")
+  return _transform.sharpness_aware(
+      reweighted_ascent(
+          lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
+          gradient_norms=gradient_norms, difference=difference,
+          probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
+          name="rw_asam"),
+      rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, mask),
+      name="rw_asam",
+  )
