@@ -13,6 +13,7 @@ from sam_optax._asam import adaptive_scale
 from sam_optax._asam import asam
 from sam_optax._asam import not_bias_mask
 from sam_optax._contract import LossFn
+from sam_optax._data_parallel import data_parallel_m_sam
 from sam_optax._f_sam import f_sam
 from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
@@ -22,6 +23,8 @@ from sam_optax._gradient_norms import finite_difference_gradient_norms
 from sam_optax._gradient_norms import per_example_gradient_norms
 from sam_optax._gradient_norms import rademacher_like
 from sam_optax._gradient_norms import SigmaCalibration
+from sam_optax._m_sam import m_sam
+from sam_optax._m_sam import m_sam_reference
 from sam_optax._n_sam import ascent_set_ascent
 from sam_optax._n_sam import n_sam
 from sam_optax._perturbation import global_norm
@@ -53,12 +56,15 @@ __all__ = (
     "ascent_set_ascent",
     "calibrate_sigma",
     "clean_gradient_ascent",
+    "data_parallel_m_sam",
     "directional_derivative_estimate",
     "f_sam",
     "finite_difference_gradient_norms",
     "friendly_ascent",
     "gibbs_weights",
     "global_norm",
+    "m_sam",
+    "m_sam_reference",
     "n_sam",
     "not_bias_mask",
     "per_example_gradient_norms",

@@ -1,0 +1,411 @@
+"""Step-time benchmark: SGD, SAM, m-SAM in every formulation, and the rest.
+
+::
+
+  python -m experiments.benchmark            # quick: 3 interleaved repeats
+  python -m experiments.benchmark --full     # 10 repeats of 3 steps each
+  python -m experiments.benchmark --only 'm_sam/vmap' --micro-batch-sizes 16
+
+Times one jitted train step (clean pass, the transform, SGD with momentum) per
+variant, in one process, on random data of CIFAR shape (``[B, 32, 32, 3]``,
+nothing is downloaded): the small CNN of ``experiments.models.SmallCNN`` on a
+CPU, ResNet-18 (CIFAR variant, BatchNorm) on a GPU (``--model`` overrides).
+Repeats are interleaved (every variant once per round, the order rotating
+between rounds), so a change in the machine's load hits all variants alike;
+each ratio is the median over rounds of the per-round ratio. Prints, per
+variant, the median step time, compile time and memory, then the ratios the
+issue asks for with their targets.
+
+The variants: ``sgd``; ``sam``; ``m_sam/vmap/m=M`` and ``m_sam/unrolled/m=M``
+(the two one-program forms of :func:`sam_optax.m_sam`, ``"auto"`` picks the
+latter on a CPU); ``m_sam/vmap/m=16/chunk=C`` (memory-bounded: chunks of ``C``
+micro-batches in a ``lax`` loop); the sequential forms ``m_sam/loop/m=M`` (one
+micro-batch per iteration of a ``lax`` loop inside the step) and
+``m_sam/sequential/m=M`` (the papers' way: a Python loop calling a jitted SAM
+step per micro-batch); and ``asam``, ``f_sam``, ``rw_sam``, ``rw_asam`` where
+``sam_optax`` has them.
+
+Memory: XLA's buffer assignment for the compiled step
+(``compiled.memory_analysis()``): ``temp`` is the working memory beyond the
+inputs and outputs (where m-SAM's per-micro-batch perturbed weights live) and
+``total`` adds the step's inputs and outputs (parameters, optimizer state,
+batch): an upper bound on what the step holds at once. On a GPU the
+process's peak device memory is printed as well.
+
+The variants are a registry (:func:`variants`): a new transform is one entry.
+"""
+
+import argparse
+from collections.abc import Callable, Sequence
+import dataclasses
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import models
+from experiments import nnx_glue
+import sam_optax
+
+RHO = 0.05
+LEARNING_RATE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The model, data and settings every variant runs on."""
+
+  graphdef: Any
+  params: Any
+  state: Any
+  batch: dict[str, jax.Array]
+  micro_batch_sizes: tuple[int, ...]
+  chunked_micro_batch_size: int
+  sequential_micro_batch_sizes: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Runner:
+  """A compiled variant: ``run()`` takes one train step and blocks."""
+
+  run: Callable[[], None]
+  compile_seconds: float
+  temp_bytes: int
+  total_bytes: int
+
+
+def per_example_loss(model: nnx.Module, batch: dict[str, jax.Array]):
+  logits = model(batch["image"])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["label"])
+
+
+def _memory(compiled: Any) -> tuple[int, int]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return -1, -1
+  # Arguments + outputs + temporaries (less the outputs aliasing inputs):
+  # everything the step holds at once by XLA's buffer assignment.
+  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return stats.temp_size_in_bytes, total
+
+
+def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = time.perf_counter() - start
+  return (compiled, seconds, *_memory(compiled))
+
+
+def transform_runner(
+    make: Callable[[], optax.GradientTransformationExtraArgs] | None,
+) -> Callable[[Setup], Runner]:
+  """A train step with ``make()`` chained before SGD (plain SGD if None)."""
+
+  def build(setup: Setup) -> Runner:
+    base = optax.sgd(LEARNING_RATE, momentum=0.9)
+    tx = base if make is None else optax.chain(make(), base)
+    loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
+                                    per_example_loss)
+
+    def train_step(params, state, opt_state, batch, key):
+      _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
+          setup.graphdef, state, per_example_loss, params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     loss_fn=loss_fn, batch=batch, key=key)
+      return optax.apply_updates(params, updates), new_state, opt_state
+
+    args = (setup.params, setup.state, tx.init(setup.params), setup.batch,
+            jax.random.key(0))
+    compiled, seconds, temp, total = _compile(train_step, *args)
+    return Runner(lambda: jax.block_until_ready(compiled(*args)), seconds,
+                  temp, total)
+
+  return build
+
+
+def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
+  """m-SAM as the papers' code runs it: a Python loop of jitted SAM steps.
+
+  One compiled program takes micro-batch ``j`` (a traced index, so it
+  compiles once) and adds its SAM gradient to a running sum; a second one
+  takes the clean pass (BatchNorm statistics) and the SGD update.
+  """
+
+  def build(setup: Setup) -> Runner:
+    base = optax.sgd(LEARNING_RATE, momentum=0.9)
+    sam = sam_optax.sam(RHO)
+    loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
+                                    per_example_loss)
+    count = setup.batch["label"].shape[0] // micro_batch_size
+
+    def micro_step(params, total, batch, j):
+      micro = jax.tree.map(
+          lambda x: jax.lax.dynamic_slice_in_dim(x, j * micro_batch_size,
+                                                 micro_batch_size), batch)
+      gradient, _ = sam.update(None, optax.EmptyState(), params,
+                               loss_fn=loss_fn, batch=micro)
+      return optax.tree.add(total, gradient)
+
+    def finish(params, state, opt_state, batch, total):
+      _, _, new_state, _ = nnx_glue.loss_grad_and_state(
+          setup.graphdef, state, per_example_loss, params, batch)
+      updates, opt_state = base.update(optax.tree.scale(1 / count, total),
+                                       opt_state, params)
+      return optax.apply_updates(params, updates), new_state, opt_state
+
+    zeros = optax.tree.zeros_like(setup.params)
+    opt_state = base.init(setup.params)
+    index = jnp.asarray(0, jnp.int32)
+    step_c, step_s, step_temp, step_total = _compile(
+        micro_step, setup.params, zeros, setup.batch, index)
+    finish_c, finish_s, finish_temp, finish_total = _compile(
+        finish, setup.params, setup.state, opt_state, setup.batch, zeros)
+    indices = [jnp.asarray(j, jnp.int32) for j in range(count)]
+
+    def run():
+      total = zeros
+      for j in indices:
+        total = step_c(setup.params, total, setup.batch, j)
+      jax.block_until_ready(
+          finish_c(setup.params, setup.state, opt_state, setup.batch, total))
+
+    return Runner(run, step_s + finish_s, max(step_temp, finish_temp),
+                  max(step_total, finish_total))
+
+  return build
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A benchmark entry: a name and how to build its runner from the setup."""
+
+  name: str
+  build: Callable[[Setup], Runner]
+
+
+def _m_sam(micro_batch_size: int, implementation: str,
+           per_chunk: int | None = None, name: str | None = None) -> Variant:
+  suffix = f"/chunk={per_chunk}" if per_chunk else ""
+  return Variant(
+      name or f"m_sam/{implementation}/m={micro_batch_size}{suffix}",
+      transform_runner(lambda: sam_optax.m_sam(
+          RHO, micro_batch_size, implementation=implementation,
+          micro_batches_per_chunk=per_chunk)))
+
+
+def variants(setup: Setup) -> list[Variant]:
+  """The registry. Add a transform with one ``Variant`` line."""
+  entries = [
+      Variant("sgd", transform_runner(None)),
+      Variant("sam", transform_runner(lambda: sam_optax.sam(RHO))),
+  ]
+  for m in setup.micro_batch_sizes:
+    entries.append(_m_sam(m, "vmap"))
+  for m in setup.micro_batch_sizes:
+    entries.append(_m_sam(m, "unrolled"))
+  # Memory-bounded: chunks of c micro-batches, vmapped, in a lax loop.
+  count = setup.batch["label"].shape[0] // setup.chunked_micro_batch_size
+  for per_chunk in (2, 4):
+    if per_chunk < count and count % per_chunk == 0:
+      entries.append(_m_sam(setup.chunked_micro_batch_size, "vmap", per_chunk))
+  # The sequential forms: one micro-batch at a time, in a lax loop inside the
+  # step (chunks of 1), and as the papers' code runs it (a Python loop).
+  for m in setup.sequential_micro_batch_sizes:
+    entries.append(_m_sam(m, "vmap", 1, name=f"m_sam/loop/m={m}"))
+    entries.append(Variant(f"m_sam/sequential/m={m}", sequential_runner(m)))
+  # Other members of the family, where this version of sam_optax has them.
+  optional = {
+      "asam": lambda: sam_optax.asam(0.5),
+      "f_sam": lambda: sam_optax.f_sam(RHO),
+      "rw_sam": lambda: sam_optax.rw_sam(RHO, 0.5),
+      "rw_asam": lambda: sam_optax.rw_asam(0.5, 0.5),
+  }
+  for name, make in optional.items():
+    if hasattr(sam_optax, name):
+      entries.append(Variant(name, transform_runner(make)))
+  return entries
+
+
+def make_setup(model_name: str, batch_size: int, num_classes: int,
+               micro_batch_sizes: Sequence[int], chunked: int,
+               sequential: Sequence[int]) -> Setup:
+  model = models.create_model(model_name, num_classes=num_classes, seed=0)
+  split = nnx_glue.split(model)
+  rng = np.random.default_rng(0)
+  batch = {
+      "image": jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)),
+                           jnp.float32),
+      "label": jnp.asarray(rng.integers(0, num_classes, size=batch_size)),
+  }
+  return Setup(split.graphdef, split.params, split.state, batch,
+               tuple(micro_batch_sizes), chunked, tuple(sequential))
+
+
+def _ratio(times: dict[str, list[float]], numerator: str,
+           denominator: str) -> float | None:
+  if numerator not in times or denominator not in times:
+    return None
+  return statistics.median(
+      a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def report_ratios(times: dict[str, list[float]], setup: Setup,
+                  on_gpu: bool) -> list[tuple[str, float, str]]:
+  """The ratios asked for, as ``(label, value, target or "")``."""
+  rows = [("sam / sgd", _ratio(times, "sam", "sgd"), "")]
+  for implementation in ("vmap", "unrolled"):
+    for m in setup.micro_batch_sizes:
+      name = f"m_sam/{implementation}/m={m}"
+      target = ""
+      if implementation == "vmap" and m == 16:
+        target = "<= 1.3 (GPU, ResNet-18)" if on_gpu else "<= 2.0 (CPU)"
+      rows.append((f"{name} / sam", _ratio(times, name, "sam"), target))
+  for name in times:
+    if "/chunk=" in name:
+      rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
+      whole = name.split("/chunk=")[0]
+      rows.append((f"{name} / {whole}", _ratio(times, name, whole), ""))
+  for m in setup.sequential_micro_batch_sizes:
+    for form in ("sequential", "loop"):
+      sequential = f"m_sam/{form}/m={m}"
+      rows.append((f"{sequential} / sam", _ratio(times, sequential, "sam"),
+                   ""))
+      for implementation in ("vmap", "unrolled"):
+        name = f"m_sam/{implementation}/m={m}"
+        target = ">= 5" if implementation == "vmap" and m == 8 else ""
+        rows.append((f"{sequential} / {name} (speed-up)",
+                     _ratio(times, sequential, name), target))
+  for name in ("asam", "f_sam", "rw_sam", "rw_asam"):
+    rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
+  return [(label, value, target) for label, value, target in rows
+          if value is not None]
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+  device = jax.devices()[0]
+  return (f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} CPU cores;"
+          f" JAX {jax.__version__} on {jax.default_backend()}"
+          f" ({device.device_kind}, {jax.device_count()} device(s))")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="auto",
+                      choices=["auto", "small_cnn", "resnet18"],
+                      help="auto: small_cnn on a CPU, resnet18 on a GPU/TPU.")
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--num-classes", type=int, default=100)
+  parser.add_argument("--micro-batch-sizes", type=int, nargs="+",
+                      default=[4, 8, 16, 32, 64])
+  parser.add_argument("--chunked-micro-batch-size", type=int, default=16,
+                      help="m of the chunked (memory-bounded) variants.")
+  parser.add_argument("--sequential-micro-batch-sizes", type=int, nargs="+",
+                      default=[8, 16])
+  parser.add_argument("--full", action="store_true",
+                      help="10 rounds of 3 steps (default: 3 rounds of 1).")
+  parser.add_argument("--repeats", type=int, help="rounds (overrides).")
+  parser.add_argument("--steps", type=int, help="steps per round (overrides).")
+  parser.add_argument("--only", default=None,
+                      help="regex on variant names; sgd and sam always run.")
+  parser.add_argument("--json", default=None, help="write the results here.")
+  args = parser.parse_args(argv)
+  repeats = args.repeats or (10 if args.full else 3)
+  steps = args.steps or (3 if args.full else 1)
+  on_gpu = jax.default_backend() != "cpu"
+  model_name = args.model
+  if model_name == "auto":
+    model_name = "resnet18" if on_gpu else "small_cnn"
+
+  setup = make_setup(model_name, args.batch_size, args.num_classes,
+                     args.micro_batch_sizes, args.chunked_micro_batch_size,
+                     args.sequential_micro_batch_sizes)
+  entries = [v for v in variants(setup)
+             if v.name in ("sgd", "sam") or args.only is None
+             or re.search(args.only, v.name)]
+  print(_machine())
+  print("command: python -m experiments.benchmark",
+        shlex.join(sys.argv[1:] if argv is None else argv))
+  print(f"model {model_name}, batch {args.batch_size}, {repeats} rounds x"
+        f" {steps} steps, {len(entries)} variants", flush=True)
+
+  runners = {}
+  for variant in entries:
+    runner = variant.build(setup)
+    runner.run()  # warm up: first-run allocations
+    runners[variant.name] = runner
+    print(f"  compiled {variant.name} in {runner.compile_seconds:.1f} s",
+          flush=True)
+
+  names = list(runners)
+  times = {name: [] for name in names}
+  for round_index in range(repeats):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      for _ in range(steps):
+        runners[name].run()
+      times[name].append((time.perf_counter() - start) / steps)
+    print(f"  round {round_index + 1}/{repeats} done", flush=True)
+
+  mib = 2.0 ** 20
+  print(f"\n| variant | median step (ms) | / sam | compile (s) |"
+        f" temp (MiB) | total (MiB) |")
+  print("|---|---|---|---|---|---|")
+  for name in names:
+    runner = runners[name]
+    print(f"| {name} | {1e3 * statistics.median(times[name]):.1f} |"
+          f" {_ratio(times, name, 'sam'):.2f} | {runner.compile_seconds:.1f} |"
+          f" {runner.temp_bytes / mib:.1f} | {runner.total_bytes / mib:.1f} |")
+  ratios = report_ratios(times, setup, on_gpu)
+  print("\n| ratio (median over rounds) | value | target |")
+  print("|---|---|---|")
+  for label, value, target in ratios:
+    print(f"| {label} | {value:.2f} | {target} |")
+  if on_gpu:
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"\nprocess peak device memory:"
+          f" {stats.get('peak_bytes_in_use', 0) / mib:.0f} MiB")
+
+  results = {
+      "machine": _machine(),
+      "argv": list(sys.argv[1:] if argv is None else argv),
+      "model": model_name,
+      "batch_size": args.batch_size, "repeats": repeats, "steps": steps,
+      "times": times,
+      "compile_seconds": {n: r.compile_seconds for n, r in runners.items()},
+      "temp_bytes": {n: r.temp_bytes for n, r in runners.items()},
+      "total_bytes": {n: r.total_bytes for n, r in runners.items()},
+      "ratios": {label: value for label, value, _ in ratios},
+  }
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,256 @@
+"""SAM across data-parallel devices, with a local perturbation by default.
+
+Synchronous data parallelism in which each device perturbs the weights with
+its own local gradient and only the perturbed gradients are averaged is m-SAM
+with ``m`` = the per-device batch (2509.18001; Foret et al. 2021, where
+m-sharpness came from exactly this): it needs no all-reduce in the ascent
+step. Synchronizing the ascent gradient over all devices gives mini-batch SAM
+on the global batch, at the price of that all-reduce; synchronizing it within
+groups of devices gives m-SAM with ``m`` = the group's batch.
+
+:func:`data_parallel_m_sam` is the transform to call inside ``jax.shard_map``
+(the explicit form). Under a plain ``jax.jit`` with the batch sharded over
+``D`` devices, ``m_sam(rho, micro_batch_size=B // D)`` (its ``"vmap"`` form,
+which ``"auto"`` picks for a sharded batch) compiles to the same design: each
+device computes its own micro-batch and a single all-reduce averages the
+perturbed gradients.
+
+Several hosts run the same program; each loads its part of the global batch::
+
+  jax.distributed.initialize()  # SLURM, Open MPI, TPU pods: auto-detected;
+  # else initialize(coordinator_address="host0:1234", num_processes=N,
+  #                 process_id=i) on host i.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))  # every host's devices
+  batch = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P("data")), local_batch)  # B / N examples per host
+  params, opt_state = train_step(params, opt_state, batch)  # as below
+"""
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _contract
+from sam_optax import _m_sam
+from sam_optax import _perturbation
+from sam_optax import _sam
+
+AxisName = Hashable | tuple[Hashable, ...]
+"""A mesh axis name, or a tuple of them."""
+
+
+def _as_axes(axis_name: AxisName) -> tuple[Hashable, ...]:
+  return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _varying_axes(x: Any) -> frozenset[Hashable]:
+  """The manual mesh axes along which ``x`` may differ between devices."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # earlier versions
+
+
+def _local_copy(tree: Any, axes: tuple[Hashable, ...]) -> Any:
+  """Marks ``tree`` as varying over ``axes``, so gradients w.r.t. it stay local.
+
+  Inside ``jax.shard_map`` (with ``check_vma=True``, the default) the gradient
+  with respect to a replicated value is summed over the devices, because the
+  transpose of the implicit broadcast is a ``psum``. Differentiating with
+  respect to a copy cast to "varying" (``jax.lax.pcast``) keeps each device's
+  own gradient. A no-op where ``tree`` already varies or without
+  ``check_vma``.
+  """
+
+  def leaf(x: jax.Array) -> jax.Array:
+    missing = tuple(a for a in axes if a not in _varying_axes(x))
+    if not missing:
+      return x
+    if hasattr(jax.lax, "pcast"):
+      return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)  # jax < 0.8
+
+  return jax.tree.map(leaf, tree)
+
+
+def _check_bound(axes: tuple[Hashable, ...], name: str) -> None:
+  for axis in axes:
+    try:
+      jax.lax.axis_size(axis)
+    except NameError as error:
+      raise NameError(
+          f"{name}: the mesh axis {axis!r} is not bound. Call update inside"
+          " jax.shard_map over a mesh with that axis (the batch sharded along"
+          " it); under a plain jax.jit use m_sam(rho, micro_batch_size=B//D)"
+          " on the sharded batch instead."
+      ) from error
+
+
+def data_parallel_m_sam(
+    rho: ArrayLike,
+    axis_name: AxisName,
+    *,
+    normalize: bool = True,
+    sync_perturbation: bool | AxisName = False,
+    micro_batch_size: int | None = None,
+    implementation: _m_sam.Implementation = "auto",
+    micro_batches_per_chunk: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SAM over data-parallel devices: local perturbations, averaged gradients.
+
+  Call ``update`` inside ``jax.shard_map``, each device holding its shard of
+  the batch. By default (``sync_perturbation=False``) device ``d`` perturbs
+  with the gradient of its own shard ``B_d`` and the perturbed gradients are
+  averaged over ``axis_name``:
+
+  .. math::
+    \varepsilon_d = \rho\, g_{B_d} / (\|g_{B_d}\| + \delta), \qquad
+    \text{returns } \frac{1}{D} \sum_d \nabla L_{B_d}(w + \varepsilon_d),
+
+  which is :func:`m_sam` with ``m`` = the per-device batch (shard ``d`` is the
+  contiguous slice ``d`` of the global batch, as m-SAM's micro-batch ``d``);
+  one all-reduce per step instead of SAM's two.
+
+  ``sync_perturbation`` chooses which devices share a perturbation:
+
+  - ``False``: none (local perturbation, m-SAM, ``m = B/D``);
+  - ``True``: all of ``axis_name`` (the ascent gradient is all-reduced first:
+    mini-batch :func:`sam` on the global batch);
+  - a mesh axis name or tuple of names within ``axis_name``: the ascent
+    gradient is averaged over those axes only, i.e. within groups of devices.
+    Lay the devices out on a 2-D mesh ``(groups, group_size)`` with axes
+    ``("group", "member")``, shard the batch over both, pass
+    ``axis_name=("group", "member")`` and ``sync_perturbation="member"``:
+    m-SAM with ``m = B / groups``. (Groups are mesh axes rather than
+    ``axis_index_groups``, which ``shard_map`` collectives do not support.)
+
+  ``micro_batch_size`` splits each device's shard further (m-SAM with a
+  smaller ``m`` than the shard, computed as :func:`m_sam` does, with its
+  ``implementation`` and ``micro_batches_per_chunk``); it needs
+  ``sync_perturbation=False``.
+
+  A complete data-parallel train step (any number of devices; several hosts
+  alike, after ``jax.distributed.initialize()``)::
+
+    import functools
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import optax
+    import sam_optax
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    tx = optax.chain(
+        sam_optax.data_parallel_m_sam(0.05, axis_name="data"),
+        optax.sgd(0.1, momentum=0.9),
+    )
+    opt_state = tx.init(params)
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map, mesh=mesh,
+        in_specs=(P(), P(), P("data")), out_specs=(P(), P()),
+    )
+    def train_step(params, opt_state, batch):
+      # Inside: `batch` is this device's shard; params are replicated.
+      updates, opt_state = tx.update(None, opt_state, params,
+                                     loss_fn=loss_fn, batch=batch)
+      return optax.apply_updates(params, updates), opt_state
+
+    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    params, opt_state = train_step(params, opt_state, batch)
+
+  The returned gradient is the same on every device (all-reduced), so the
+  base optimizer's state stays replicated. The average is taken in float32.
+
+  Args:
+    rho: the perturbation radius ``ρ``.
+    axis_name: the mesh axis (or tuple of axes) the batch is sharded over;
+      the perturbed gradients are averaged over it.
+    normalize: SAM-style (True) or USAM-style (False) ascent.
+    sync_perturbation: ``False`` (local), ``True`` (all of ``axis_name``) or
+      the axes within ``axis_name`` to average the ascent gradient over.
+    micro_batch_size: split each device's shard into micro-batches of this
+      size (must divide it), or None for one per device.
+    implementation: how the micro-batches of a shard are mapped; see
+      :func:`m_sam`.
+    micro_batches_per_chunk: see :func:`m_sam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` (stateless) whose ``update``
+    must run inside ``jax.shard_map`` (or under another binding of
+    ``axis_name``). ``updates`` is not used (None is fine).
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021;
+    `Unveiling m-Sharpness Through the Structure of Stochastic Gradient
+    Noise <https://arxiv.org/abs/2509.18001>`_, 2025.
+  """
+  name = "data_parallel_m_sam"
+  _contract.check_rho(rho, name)
+  axes = _as_axes(axis_name)
+  if sync_perturbation is False:
+    sync_axes = ()
+  elif sync_perturbation is True:
+    sync_axes = axes
+  else:
+    sync_axes = _as_axes(sync_perturbation)
+    outside = [a for a in sync_axes if a not in axes]
+    if outside:
+      raise ValueError(
+          f"{name}: sync_perturbation axes {outside} are not among"
+          f" axis_name={axes}; groups are sub-axes of the data-parallel mesh"
+          " axes."
+      )
+  if sync_axes and micro_batch_size is not None:
+    raise ValueError(
+        f"{name}: micro_batch_size splits each device's shard for a local"
+        " perturbation; it cannot be combined with sync_perturbation."
+    )
+  if micro_batch_size is not None:
+    local_step = _m_sam.m_sam(
+        rho, micro_batch_size, normalize=normalize,
+        implementation=implementation,
+        micro_batches_per_chunk=micro_batches_per_chunk,
+    )
+  else:
+    local_step = _sam.sam(rho) if normalize else _sam.usam(rho)
+
+  def update_fn(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    del updates, key, extra_args  # the ascent needs the local gradient
+    params = _contract.require(params, "params", name)
+    loss_fn = _contract.require(loss_fn, "loss_fn", name)
+    batch = _contract.require(batch, "batch", name)
+    _check_bound(axes, name)
+    local_params = _local_copy(params, axes)
+    if sync_axes:
+      _contract.check_per_example_losses(loss_fn, params, batch, name)
+      gradient = _contract.mean_gradient(loss_fn, local_params, batch)
+      gradient = jax.lax.pmean(optax.tree.cast(gradient, jnp.float32),
+                               sync_axes)
+      epsilon = _perturbation.perturbation(gradient, rho, normalize=normalize)
+      local = _perturbation.perturbed_gradient(loss_fn, local_params, epsilon,
+                                               batch)
+    else:
+      local, _ = local_step.update(None, optax.EmptyState(), local_params,
+                                   loss_fn=loss_fn, batch=batch)
+    mean = jax.lax.pmean(optax.tree.cast(local, jnp.float32), axes)
+    return optax.tree.cast_like(mean, params), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn
+  )
