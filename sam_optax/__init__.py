@@ -41,6 +41,7 @@ from sam_optax._sam import sam
 from sam_optax._sam import usam
 from sam_optax._transform import AscentDirection
 from sam_optax._transform import sharpness_aware
+from sam_optax import diagnostics
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = (
     "calibrate_sigma",
     "clean_gradient_ascent",
     "data_parallel_m_sam",
+    "diagnostics",
     "directional_derivative_estimate",
     "f_sam",
     "finite_difference_gradient_norms",
