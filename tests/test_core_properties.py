@@ -1,5 +1,7 @@
 """Properties of the core transforms (hypothesis) and their handling of bad input."""
 
+import functools
+
 from absl.testing import parameterized
 import chex
 import hypothesis
@@ -22,10 +24,20 @@ def grad_mean(loss_fn, params, batch):
   return jax.grad(mean_loss, argnums=1)(loss_fn, params, batch)
 
 
-def one_step(tx, params, batch, loss_fn=mlp_loss, **extra):
-  step = jax.jit(lambda p, b, e: tx.update(
-      grad_mean(loss_fn, p, b), tx.init(p), p, loss_fn=loss_fn, batch=b, **e))
-  return step(params, batch, extra)[0]
+@functools.partial(jax.jit, static_argnames=("make", "loss_fn"))
+def _jitted_step(make, loss_fn, hyperparams, params, batch, extra):
+  tx = make(*hyperparams)
+  return tx.update(grad_mean(loss_fn, params, batch), tx.init(params), params,
+                   loss_fn=loss_fn, batch=batch, **extra)[0]
+
+
+def one_step(make, hyperparams, params, batch, loss_fn=mlp_loss, **extra):
+  """One jitted step of ``make(*hyperparams)``, the hyperparameters traced.
+
+  Tracing them (and keeping ``make`` and ``loss_fn`` the same functions)
+  compiles once per test, not once per hypothesis example.
+  """
+  return _jitted_step(make, loss_fn, tuple(hyperparams), params, batch, extra)
 
 
 def mlp_setup(seed):
@@ -42,6 +54,15 @@ ALL = {
 }
 
 
+def scaled_mlp_loss(params, batch):
+  return batch["scale"] * mlp_loss(params, batch)
+
+
+def bias_only_loss(params, batch):
+  hidden = jnp.tanh(batch["x"] + params["layer"]["bias"])
+  return jnp.sum((hidden[:, :2] + params["head"]["bias"]) ** 2, axis=-1)
+
+
 def _extra(name, batch):
   return {"ascent_batch": batch} if name == "n_sam" else {}
 
@@ -50,7 +71,7 @@ def _extra(name, batch):
 @hypothesis.given(seed=seeds)
 def test_zero_radius_hands_on_the_clean_gradient(name, seed):
   params, batch = mlp_setup(seed)
-  out = one_step(ALL[name](0.0), params, batch, **_extra(name, batch))
+  out = one_step(ALL[name], (0.0,), params, batch, **_extra(name, batch))
   chex.assert_trees_all_close(out, grad_mean(mlp_loss, params, batch),
                               rtol=1e-6, atol=1e-7)
 
@@ -59,9 +80,10 @@ def test_zero_radius_hands_on_the_clean_gradient(name, seed):
 def test_scaling_the_loss_scales_sam_output(seed, rho, c):
   # ε = ρ g/‖g‖ is scale-free, so ∇(cL)(w+ε) = c ∇L(w+ε).
   params, batch = mlp_setup(seed)
-  scaled_loss = lambda p, b: c * mlp_loss(p, b)
-  base = one_step(sam_optax.sam(rho), params, batch)
-  scaled = one_step(sam_optax.sam(rho), params, batch, loss_fn=scaled_loss)
+  scaled_batch = dict(batch, scale=jnp.full(batch["y"].shape, c, jnp.float32))
+  base = one_step(sam_optax.sam, (rho,), params, batch)
+  scaled = one_step(sam_optax.sam, (rho,), params, scaled_batch,
+                    loss_fn=scaled_mlp_loss)
   chex.assert_trees_all_close(scaled, jax.tree.map(lambda x: c * x, base),
                               rtol=2e-4, atol=1e-6 * c)
 
@@ -71,7 +93,8 @@ def test_usam_on_a_quadratic_is_g_plus_rho_h_g(seed, rho):
   params, batch, loss_fn, hessian = quadratic_problem(seed)
   g = np.asarray(flatten(grad_mean(loss_fn, params, batch)), np.float64)
   expected = g + rho * hessian @ g
-  out = flatten(one_step(sam_optax.usam(rho), params, batch, loss_fn=loss_fn))
+  out = flatten(one_step(sam_optax.usam, (rho,), params, batch,
+                         loss_fn=loss_fn))
   np.testing.assert_allclose(out, expected, rtol=1e-4,
                              atol=1e-5 * np.abs(expected).max())
 
@@ -102,39 +125,37 @@ def test_asam_with_only_bias_leaves_is_sam(seed, rho, eta):
   params = {"layer": {"bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
             "head": {"bias": jnp.asarray(rng.normal(size=2), jnp.float32)}}
   batch = {"x": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
-
-  def loss_fn(p, b):
-    hidden = jnp.tanh(b["x"] + p["layer"]["bias"])
-    return jnp.sum((hidden[:, :2] + p["head"]["bias"]) ** 2, axis=-1)
-
-  ours = one_step(sam_optax.asam(rho, eta), params, batch, loss_fn=loss_fn)
-  reference = one_step(sam_optax.sam(rho), params, batch, loss_fn=loss_fn)
+  ours = one_step(sam_optax.asam, (rho, eta), params, batch,
+                  loss_fn=bias_only_loss)
+  reference = one_step(sam_optax.sam, (rho,), params, batch,
+                       loss_fn=bias_only_loss)
   chex.assert_trees_all_close(ours, reference, rtol=1e-6, atol=1e-7)
 
 
 def test_asam_mask_can_scale_every_leaf():
   params, batch = mlp_setup(0)
   everything = one_step(
-      sam_optax.asam(0.1, mask=lambda p: jax.tree.map(lambda _: True, p)),
-      params, batch)
-  default = one_step(sam_optax.asam(0.1), params, batch)
+      lambda rho: sam_optax.asam(
+          rho, mask=lambda p: jax.tree.map(lambda _: True, p)),
+      (0.1,), params, batch)
+  default = one_step(sam_optax.asam, (0.1,), params, batch)
   assert not np.allclose(flatten(everything), flatten(default))
 
 
 def test_n_sam_ascent_batch_and_ascent_gradient_agree():
   params, batch = mlp_setup(1)
   ascent_batch = mlp_batch(jax.random.key(99), size=64)
-  tx = sam_optax.n_sam(0.1)
-  from_batch = one_step(tx, params, batch, ascent_batch=ascent_batch)
+  tx = sam_optax.n_sam
+  from_batch = one_step(tx, (0.1,), params, batch, ascent_batch=ascent_batch)
   from_gradient = one_step(
-      tx, params, batch,
+      tx, (0.1,), params, batch,
       ascent_gradient=grad_mean(mlp_loss, params, ascent_batch))
   chex.assert_trees_all_close(from_batch, from_gradient, rtol=1e-5,
                               atol=1e-7)
   # With the ascent taken on the descent batch itself, n-SAM is mini-batch SAM.
   chex.assert_trees_all_close(
-      one_step(tx, params, batch, ascent_batch=batch),
-      one_step(sam_optax.sam(0.1), params, batch), rtol=1e-5, atol=1e-7)
+      one_step(tx, (0.1,), params, batch, ascent_batch=batch),
+      one_step(sam_optax.sam, (0.1,), params, batch), rtol=1e-5, atol=1e-7)
 
 
 # --- bad input ---------------------------------------------------------------
@@ -226,5 +247,5 @@ def test_rho_schedule_through_inject_hyperparams():
                                         batch=batch))
   for t in range(3):
     updates, state = step(state, params)
-    reference = one_step(sam_optax.sam(float(schedule(t))), params, batch)
+    reference = one_step(sam_optax.sam, (float(schedule(t)),), params, batch)
     chex.assert_trees_all_close(updates, reference, rtol=1e-5, atol=1e-7)
