@@ -1,0 +1,44 @@
+"""MNIST-1D with MNIST-1D's small CNN: the main job's runs, one per optimizer.
+
+CPU scale: 4000 training signals, batch 128 (31 steps an epoch), SGD with
+momentum 0.9, learning rate 0.1 with cosine decay, weight decay 5e-4, and
+``ρ = 0.05``, as the paper's CIFAR runs; ``ρ = 0.5`` for ASAM and RW-ASAM
+(their scaled perturbation is smaller; ``sam_optax.asam``'s default) and for
+USAM (its perturbation ``ρ g`` shrinks with the gradient). The main job
+(``python -m experiments.compare``) adds label noise and sweeps m.
+"""
+
+from experiments import optimizers
+from experiments.train import TrainConfig
+
+OPTIONS = {
+    "sgd": {},
+    "sam": {},
+    "usam": {},
+    "m_sam": {"micro_batch_size": 16},
+    "asam": {},
+    "f_sam": {},
+    "rw_sam": {"lam": 0.5},
+    "rw_asam": {"lam": 0.5},
+}
+RHO = {"asam": 0.5, "rw_asam": 0.5, "usam": 0.5}
+
+
+def rows() -> list[str]:
+  return list(OPTIONS)
+
+
+def get_config(row: str | None = None) -> TrainConfig:
+  name = row or "sgd"
+  if name not in OPTIONS:
+    raise ValueError(f"mnist1d: unknown row {name!r}; use one of {rows()}.")
+  return TrainConfig(
+      dataset="mnist1d",
+      model="cnn1d",
+      optimizer=optimizers.OptimizerConfig(
+          name=name, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+          rho=RHO.get(name, 0.05), options=OPTIONS[name]),
+      epochs=60,
+      batch_size=128,
+      checkpoint_every=10,
+  )

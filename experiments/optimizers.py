@@ -1,0 +1,109 @@
+"""The optimizers of the experiments: a SAM-family variant chained to SGD.
+
+Every optimizer is ``optax.chain(variant, add_decayed_weights, sgd)`` with
+momentum and a cosine learning-rate schedule, as in the papers (weight decay
+belongs to the base optimizer, never to the ascent step). ``variant`` is one
+entry of :data:`VARIANTS`, built from ``sam_optax`` by name with the options
+of :class:`OptimizerConfig`; plain SGD uses ``optax.identity()``. The train
+step calls every one the same way::
+
+  updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
+                                 batch=batch, key=key)
+"""
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import optax
+
+import sam_optax
+
+VARIANTS: dict[str, str | None] = {
+    "sgd": None,
+    "sam": "sam",
+    "usam": "usam",
+    "m_sam": "m_sam",
+    "asam": "asam",
+    "f_sam": "f_sam",
+    "rw_sam": "rw_sam",
+    "rw_asam": "rw_asam",
+}
+"""Optimizer name -> the ``sam_optax`` function of its variant (None: SGD)."""
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  """SGD with momentum, weight decay and a cosine schedule, and a variant.
+
+  Attributes:
+    name: a key of :data:`VARIANTS`.
+    learning_rate: the initial learning rate of the cosine schedule.
+    momentum: SGD's momentum (PyTorch's convention: heavy ball, no dampening).
+    nesterov: Nesterov momentum.
+    weight_decay: L2 weight decay added to the gradient the variant returns.
+    rho: the variant's radius ``ρ`` (unused by SGD).
+    options: further keyword arguments of the variant, e.g.
+      ``{"micro_batch_size": 16}`` for ``m_sam``, ``{"lam": 0.5}`` for
+      ``rw_sam``, ``{"eta": 0.01}`` for ``asam``.
+  """
+
+  name: str = "sgd"
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 5e-4
+  rho: float = 0.05
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def available() -> list[str]:
+  """The optimizer names whose variant this version of ``sam_optax`` has."""
+  return [name for name, function in VARIANTS.items()
+          if function is None or hasattr(sam_optax, function)]
+
+
+def variant(config: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
+  """The SAM-family transform of ``config`` (``optax.identity()`` for SGD)."""
+  if config.name not in VARIANTS:
+    raise ValueError(
+        f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}.")
+  function_name = VARIANTS[config.name]
+  if function_name is None:
+    if config.options:
+      raise ValueError(f"sgd takes no variant options, got {config.options}.")
+    return optax.with_extra_args_support(optax.identity())
+  function = getattr(sam_optax, function_name, None)
+  if function is None:
+    raise ValueError(
+        f"optimizer {config.name!r} needs sam_optax.{function_name}, which"
+        f" this version of sam_optax does not have; available: {available()}.")
+  return function(config.rho, **config.options)
+
+
+def learning_rate_schedule(
+    config: OptimizerConfig, total_steps: int
+) -> optax.Schedule:
+  """Cosine decay from ``learning_rate`` to 0 over ``total_steps``."""
+  return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
+
+
+def make_optimizer(
+    config: OptimizerConfig, total_steps: int
+) -> optax.GradientTransformationExtraArgs:
+  """``chain(variant, add_decayed_weights, sgd(cosine, momentum))``.
+
+  Args:
+    config: the optimizer.
+    total_steps: the length of the cosine schedule (all steps of training).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; call its ``update`` with the
+    clean gradient and ``loss_fn``, ``batch`` and ``key`` keyword arguments.
+  """
+  return optax.chain(
+      variant(config),
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_schedule(config, total_steps),
+                momentum=config.momentum or None, nesterov=config.nesterov),
+  )
