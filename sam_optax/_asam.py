@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import optax
 
+from sam_optax import _contract
 from sam_optax import _sam
 from sam_optax import _transform
 
@@ -95,8 +96,7 @@ def asam(
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  if isinstance(eta, (int, float)) and eta < 0:
-    raise ValueError(f"asam: eta must be >= 0, got {eta}.")
+  _contract.check_sign(eta, "eta", "asam", allow_zero=True)
   return _transform.sharpness_aware(
       _sam.clean_gradient_ascent(), rho, normalize=normalize,
       scale_fn=adaptive_scale(eta, mask), name="asam",

@@ -96,11 +96,22 @@ def mean_gradient(loss_fn: LossFn, params: Params, batch: Batch) -> Params:
   return jax.grad(mean_loss, argnums=1)(loss_fn, params, batch)
 
 
-def check_rho(rho: ArrayLike, transform_name: str) -> None:
-  """Rejects a negative (concrete) radius early; traced values pass."""
+def check_sign(
+    value: ArrayLike, argument: str, transform_name: str, *,
+    allow_zero: bool,
+) -> None:
+  """Rejects a concrete ``value`` below zero (or at zero); traced values pass."""
   try:
-    negative = float(rho) < 0
+    number = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return
-  if negative:
-    raise ValueError(f"{transform_name}: rho must be >= 0, got {rho}.")
+  if not (number > 0 or (allow_zero and number == 0)):  # NaN fails too
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(
+        f"{transform_name}: {argument} must be {bound}, got {value}."
+    )
+
+
+def check_rho(rho: ArrayLike, transform_name: str) -> None:
+  """Rejects a negative (concrete) radius early; traced values pass."""
+  check_sign(rho, "rho", transform_name, allow_zero=True)

@@ -109,12 +109,7 @@ def check_probe_options(sigma: ArrayLike, num_probes: int, difference: str,
         f"{name}: difference must be 'forward' or 'central', got"
         f" {difference!r}."
     )
-  try:
-    positive = float(sigma) > 0
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not positive:
-    raise ValueError(f"{name}: sigma must be > 0, got {sigma}.")
+  _contract.check_sign(sigma, "sigma", name, allow_zero=False)
 
 
 def directional_derivative_estimate(

@@ -99,15 +99,6 @@ def _diagnostics(losses: jax.Array, norms: jax.Array,
   )
 
 
-def _check_positive(value: ArrayLike, argument: str, name: str) -> None:
-  try:
-    positive = float(value) > 0
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not positive:
-    raise ValueError(f"{name}: {argument} must be > 0, got {value}.")
-
-
 def reweighted_ascent(
     lam: ArrayLike = 0.5,
     *,
@@ -145,7 +136,7 @@ def reweighted_ascent(
         f"{name}: gradient_norms must be 'finite_difference' or 'exact', got"
         f" {gradient_norms!r}."
     )
-  _check_positive(lam, "lam", name)
+  _contract.check_sign(lam, "lam", name, allow_zero=False)
   _gradient_norms.check_probe_options(sigma, num_probes, difference, name)
 
   def init(params: optax.Params) -> ReweightedAscentState:
@@ -313,8 +304,7 @@ def rw_asam(
     2509.18001 (Table 9); Kwon et al., `ASAM
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  if isinstance(eta, (int, float)) and eta < 0:
-    raise ValueError(f"rw_asam: eta must be >= 0, got {eta}.")
+  _contract.check_sign(eta, "eta", "rw_asam", allow_zero=True)
   return _transform.sharpness_aware(
       reweighted_ascent(
           lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
