@@ -35,7 +35,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 
 from experiments import data
 from experiments import optimizers
@@ -222,8 +221,9 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
     splits = splits._replace(train=data.ArrayDataset(
         *(x[: settings.train_examples] for x in splits.train)))
   steps_per_run = settings.epochs * (splits.train.size // settings.batch_size)
-  bar = tqdm.tqdm(total=steps_per_run * len(configs) * len(settings.seeds),
-                  unit="step", dynamic_ncols=True, disable=not progress)
+  bar = train_lib.progress_bar(
+      total=steps_per_run * len(configs) * len(settings.seeds),
+      disable=not progress)
   start = time.perf_counter()
   results: dict[str, list[train_lib.RunResult]] = {}
   for name, config in configs:

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -464,6 +465,17 @@ def train_epoch(
   }
 
 
+def progress_bar(**kwargs: Any) -> tqdm.tqdm:
+  """A step-counting tqdm bar; redrawn at most every 10 s when not on a terminal.
+
+  In a log file (CI, ``nohup``) every redraw is a new line, so a bar updated
+  many times a second would flood it.
+  """
+  interval = 0.1 if sys.stderr.isatty() else 10.0
+  return tqdm.tqdm(unit="step", dynamic_ncols=True, mininterval=interval,
+                   **kwargs)
+
+
 def train(
     config: TrainConfig,
     workdir: str | os.PathLike[str] | None = None,
@@ -502,9 +514,8 @@ def train(
   run_key = jax.random.key(config.seed)
 
   own_bar = progress is True
-  bar = (tqdm.tqdm(total=total_steps, initial=start_epoch * steps_per_epoch,
-                   desc=f"{config.optimizer.name} seed {config.seed}",
-                   unit="step", dynamic_ncols=True)
+  bar = (progress_bar(total=total_steps, initial=start_epoch * steps_per_epoch,
+                      desc=f"{config.optimizer.name} seed {config.seed}")
          if own_bar else progress or None)
   for epoch in range(start_epoch, config.epochs):
     train_state, record = train_epoch(steps, train_state, config, train_set,
