@@ -3,7 +3,7 @@
 Every optimizer is ``optax.chain(variant, add_decayed_weights, sgd)`` with
 momentum and a cosine learning-rate schedule, as in the papers (weight decay
 belongs to the base optimizer, never to the ascent step). ``variant`` is one
-entry of :data:`VARIANTS`, built from ``sam_optax`` by name with the options
+entry of :data:`VARIANTS`, a ``sam_optax`` function called with the options
 of :class:`OptimizerConfig`; plain SGD uses ``optax.identity()``. The train
 step calls every one the same way::
 
@@ -11,7 +11,7 @@ step calls every one the same way::
                                  batch=batch, key=key)
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
@@ -19,17 +19,18 @@ import optax
 
 import sam_optax
 
-VARIANTS: dict[str, str | None] = {
+VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs] | None] = {
     "sgd": None,
-    "sam": "sam",
-    "usam": "usam",
-    "m_sam": "m_sam",
-    "asam": "asam",
-    "f_sam": "f_sam",
-    "rw_sam": "rw_sam",
-    "rw_asam": "rw_asam",
+    "sam": sam_optax.sam,
+    "usam": sam_optax.usam,
+    "m_sam": sam_optax.m_sam,
+    "asam": sam_optax.asam,
+    "f_sam": sam_optax.f_sam,
+    "rw_sam": sam_optax.rw_sam,
+    "rw_asam": sam_optax.rw_asam,
 }
-"""Optimizer name -> the ``sam_optax`` function of its variant (None: SGD)."""
+"""Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
+(None: plain SGD)."""
 
 
 @dataclasses.dataclass
@@ -58,9 +59,8 @@ class OptimizerConfig:
 
 
 def available() -> list[str]:
-  """The optimizer names whose variant this version of ``sam_optax`` has."""
-  return [name for name, function in VARIANTS.items()
-          if function is None or hasattr(sam_optax, function)]
+  """The optimizer names."""
+  return list(VARIANTS)
 
 
 def variant(config: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
@@ -68,16 +68,11 @@ def variant(config: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
   if config.name not in VARIANTS:
     raise ValueError(
         f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}.")
-  function_name = VARIANTS[config.name]
-  if function_name is None:
+  function = VARIANTS[config.name]
+  if function is None:
     if config.options:
       raise ValueError(f"sgd takes no variant options, got {config.options}.")
     return optax.with_extra_args_support(optax.identity())
-  function = getattr(sam_optax, function_name, None)
-  if function is None:
-    raise ValueError(
-        f"optimizer {config.name!r} needs sam_optax.{function_name}, which"
-        f" this version of sam_optax does not have; available: {available()}.")
   return function(config.rho, **config.options)
 
 
