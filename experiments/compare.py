@@ -228,7 +228,7 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   results: dict[str, list[train_lib.RunResult]] = {}
   for name, config in configs:
     for seed in settings.seeds:
-      bar.set_description(f"{name} seed {seed}")
+      bar.set_description(f"{name} seed {seed}", refresh=False)
       result = train_lib.train(dataclasses.replace(config, seed=seed),
                                splits=splits, progress=bar)
       results.setdefault(name, []).append(result)

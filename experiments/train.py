@@ -529,7 +529,8 @@ def train(
     if bar is not None:
       bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                       acc=f"{record['train_accuracy']:.3f}",
-                      test_acc=f"{record['test_accuracy']:.3f}")
+                      test_acc=f"{record['test_accuracy']:.3f}",
+                      refresh=False)  # redraws follow the bar's mininterval
     if directory is not None:
       directory.append_metrics(record)
       if epoch + 1 == config.epochs or (
