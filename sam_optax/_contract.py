@@ -36,6 +36,15 @@ def require(value: Any, argument: str, transform_name: str) -> Any:
   return value
 
 
+def require_arguments(
+    params: Params, loss_fn: LossFn | None, batch: Batch, transform_name: str
+) -> tuple[Params, LossFn, Batch]:
+  """``(params, loss_fn, batch)``, or a clear error naming the one missing."""
+  return (require(params, "params", transform_name),
+          require(loss_fn, "loss_fn", transform_name),
+          require(batch, "batch", transform_name))
+
+
 def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
   """Returns the leading-axis size shared by every leaf of ``batch``.
 

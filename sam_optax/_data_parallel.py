@@ -232,9 +232,8 @@ def data_parallel_m_sam(
       **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args  # the ascent needs the local gradient
-    params = _contract.require(params, "params", name)
-    loss_fn = _contract.require(loss_fn, "loss_fn", name)
-    batch = _contract.require(batch, "batch", name)
+    params, loss_fn, batch = _contract.require_arguments(
+        params, loss_fn, batch, name)
     _check_bound(axes, name)
     local_params = _local_copy(params, axes)
     if sync_axes:

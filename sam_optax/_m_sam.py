@@ -308,9 +308,8 @@ def m_sam(
       **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args  # each micro-batch takes its own gradient
-    params = _contract.require(params, "params", name)
-    loss_fn = _contract.require(loss_fn, "loss_fn", name)
-    batch = _contract.require(batch, "batch", name)
+    params, loss_fn, batch = _contract.require_arguments(
+        params, loss_fn, batch, name)
     _contract.check_per_example_losses(loss_fn, params, batch, name)
     count = num_micro_batches(batch, micro_batch_size, name)
     micro_batches = split_micro_batches(batch, micro_batch_size, name)
@@ -377,6 +376,8 @@ def m_sam_reference(
       **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args
+    params, loss_fn, batch = _contract.require_arguments(
+        params, loss_fn, batch, name)
     count = num_micro_batches(batch, micro_batch_size, name)
     gradients = []
     for j in range(count):

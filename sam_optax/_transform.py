@@ -115,9 +115,8 @@ def sharpness_aware(
       key: jax.Array | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
-    params = _contract.require(params, "params", name)
-    loss_fn = _contract.require(loss_fn, "loss_fn", name)
-    batch = _contract.require(batch, "batch", name)
+    params, loss_fn, batch = _contract.require_arguments(
+        params, loss_fn, batch, name)
     _check_same_structure(updates, params, name)
     _contract.check_per_example_losses(loss_fn, params, batch, name)
     direction, state = ascent.direction(
