@@ -248,6 +248,14 @@ def _ints(text: str) -> tuple[int, ...]:
   return tuple(int(x) for x in text.split(",") if x)
 
 
+def with_command_line(defaults: Any, args: argparse.Namespace) -> Any:
+  """``defaults`` (a dataclass) with every field the command line gave."""
+  given = {field.name: getattr(args, field.name)
+           for field in dataclasses.fields(defaults)
+           if getattr(args, field.name, None) is not None}
+  return dataclasses.replace(defaults, **given)
+
+
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
   defaults = Settings()
   parser = argparse.ArgumentParser(
@@ -273,14 +281,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                       help="use only the first N training examples.")
   parser.add_argument("--output-dir")
   args = parser.parse_args(argv)
-  values = dataclasses.asdict(defaults)
   if args.full:
-    values.update(FULL)
-  for key in values:
-    given = getattr(args, key, None)
-    if given is not None:
-      values[key] = given
-  return Settings(**values)
+    defaults = dataclasses.replace(defaults, **FULL)
+  return with_command_line(defaults, args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

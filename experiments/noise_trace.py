@@ -224,13 +224,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
   parser.add_argument("--chunk-size", type=int,
                       help="examples processed at once by the diagnostics.")
   parser.add_argument("--output-dir")
-  args = parser.parse_args(argv)
-  values = dataclasses.asdict(Settings())
-  for key in values:
-    given = getattr(args, key, None)
-    if given is not None:
-      values[key] = given
-  return Settings(**values)
+  return compare.with_command_line(Settings(), parser.parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
