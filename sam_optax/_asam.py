@@ -9,11 +9,13 @@ from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _perturbation
 from sam_optax import _sam
 from sam_optax import _transform
 
-Mask = Any | Callable[[optax.Params], Any]
-"""A pytree of bools like the parameters, or a function of them returning one."""
+Mask = Any | Callable[[optax.Params], Any] | None
+"""A pytree of bools like the parameters, a function of them returning one, or
+None for the default (:func:`not_bias_mask`)."""
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:
@@ -38,18 +40,23 @@ def not_bias_mask(params: optax.Params) -> Any:
 
 
 def adaptive_scale(
-    eta: ArrayLike = 0.01, mask: Mask = not_bias_mask
+    eta: ArrayLike = 0.01, scale_mask: Mask = None
 ) -> Callable[[optax.Params], Any]:
-  """Returns ``params -> T`` with ``T = |w| + η`` where ``mask`` is True, else 1.
+  """Returns ``params -> T`` with ``T = |w| + η`` where ``scale_mask`` is True,
+  else 1.
 
   Args:
-    eta: ``η > 0``, keeps the scale away from zero.
-    mask: which leaves are scaled: a pytree of bools or ``params -> pytree``.
-      Defaults to every leaf not named ``bias``.
+    eta: ``η >= 0``, keeps the scale away from zero.
+    scale_mask: which leaves are scaled: a pytree of bools or ``params ->
+      pytree``; None (the default) scales every leaf not named ``bias``
+      (:func:`not_bias_mask`).
   """
+  if scale_mask is None:
+    scale_mask = not_bias_mask
 
   def scale_fn(params: optax.Params) -> Any:
-    leaf_mask = mask(params) if callable(mask) else mask
+    leaf_mask = _perturbation.resolve_mask(scale_mask, params, "asam",
+                                           "scale_mask")
     return jax.tree.map(
         lambda w, scaled: (
             jnp.abs(w.astype(jnp.float32)) + eta
@@ -68,7 +75,8 @@ def asam(
     eta: ArrayLike = 0.01,
     *,
     normalize: bool = True,
-    mask: Mask = not_bias_mask,
+    scale_mask: Mask = None,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (ASAM).
 
@@ -77,16 +85,23 @@ def asam(
     \varepsilon = \rho\, T^2 g_B / (\|T g_B\| + \delta), \qquad
     \text{returns } \nabla L_B(w + \varepsilon),
 
-  elementwise, with ``T = 1`` on leaves where ``mask`` is False (by default
-  those named ``bias``, as in the official code). With every leaf unscaled this
-  is :func:`sam`. ``normalize=False`` gives ``ε = ρ T² g_B``.
+  elementwise, with ``T = 1`` on leaves where ``scale_mask`` is False (by
+  default those named ``bias``, as in the official code). With every leaf
+  unscaled this is :func:`sam`. ``normalize=False`` gives ``ε = ρ T² g_B``.
+  With ``perturb_mask``, ``g_B`` is zeroed outside it before scaling: the
+  scale applies within the mask.
+
+  A callable ``scale_mask`` or ``perturb_mask`` inside
+  ``optax.inject_hyperparams`` needs ``static_args`` naming it (optax takes
+  callables for schedules); the defaults need nothing.
 
   Args:
-    rho: the perturbation radius ``ρ`` (ASAM's papers use larger radii than
-      SAM, e.g. 0.5 on CIFAR-10, since ``T`` shrinks the perturbation).
-    eta: ``η``, the offset of the scale.
+    rho: the perturbation radius ``ρ >= 0`` (ASAM's papers use larger radii
+      than SAM, e.g. 0.5 on CIFAR-10, since ``T`` shrinks the perturbation).
+    eta: ``η >= 0``, the offset of the scale (finite).
     normalize: normalized (ASAM) or unnormalized ascent.
-    mask: the leaves to scale; see :func:`adaptive_scale`.
+    scale_mask: the leaves to scale; see :func:`adaptive_scale`.
+    perturb_mask: which leaves to perturb; see :func:`sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -96,8 +111,9 @@ def asam(
     Scale-Invariant Learning of Deep Neural Networks
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  _contract.check_sign(eta, "eta", "asam", allow_zero=True)
+  _contract.check_number(eta, "eta", "asam", minimum=0)
   return _transform.sharpness_aware(
       _sam.clean_gradient_ascent(), rho, normalize=normalize,
-      scale_fn=adaptive_scale(eta, mask), name="asam",
+      scale_fn=adaptive_scale(eta, scale_mask), perturb_mask=perturb_mask,
+      name="asam",
   )

@@ -13,11 +13,15 @@ problem.
 """
 
 from collections.abc import Callable
+import math
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
+import optax
 
 Params = Any
 Batch = Any
@@ -39,18 +43,80 @@ def require(value: Any, argument: str, transform_name: str) -> Any:
 def require_arguments(
     params: Params, loss_fn: LossFn | None, batch: Batch, transform_name: str
 ) -> tuple[Params, LossFn, Batch]:
-  """``(params, loss_fn, batch)``, or a clear error naming the one missing."""
-  return (require(params, "params", transform_name),
+  """``(params, loss_fn, batch)``, or a clear error naming the one missing.
+
+  ``params`` is checked too (see :func:`check_params`).
+  """
+  params = require(params, "params", transform_name)
+  check_params(params, transform_name)
+  return (params,
           require(loss_fn, "loss_fn", transform_name),
           require(batch, "batch", transform_name))
+
+
+def _is_masked_node(node: Any) -> bool:
+  return isinstance(node, optax.MaskedNode)
+
+
+def check_params(params: Params, transform_name: str) -> None:
+  """Rejects parameters a SAM transform cannot perturb, naming the leaf.
+
+  * ``optax.MaskedNode`` leaves: the transform sits inside ``optax.masked`` or
+    ``optax.multi_transform``, which hide the masked-out parameters from it,
+    so ``loss_fn`` could not be evaluated. Use ``perturb_mask`` instead.
+  * Leaves that are not real floating point. Integer and boolean leaves cannot
+    be differentiated (``jax.grad`` rejects them); complex leaves are rejected
+    because ``jax.grad`` of a real loss returns the conjugate of the ascent
+    direction there, and SAM's ``ε`` would silently climb the wrong way.
+    Keep such state out of ``params`` (e.g. in a separate Flax collection).
+
+  Raises:
+    ValueError: naming the first offending leaf.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_masked_node)
+  for path, leaf in leaves:
+    where = jax.tree_util.keystr(path) or "(the root)"
+    if _is_masked_node(leaf):
+      raise ValueError(
+          f"{transform_name}: params leaf {where} is an optax.MaskedNode: the"
+          " transform is inside optax.masked or optax.multi_transform, which"
+          " hide the masked-out parameters, so loss_fn cannot be evaluated."
+          f" Put {transform_name} outside the mask and choose the perturbed"
+          " leaves with its `perturb_mask` argument (a pytree of bools like"
+          " params, or a function of params returning one); to freeze leaves,"
+          " mask the base optimizer after it."
+      )
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      kind = ("complex" if jnp.issubdtype(dtype, jnp.complexfloating)
+              else "non-floating")
+      raise ValueError(
+          f"{transform_name}: params leaf {where} has the {kind} dtype"
+          f" {dtype}; SAM transforms differentiate and perturb every leaf of"
+          " params, which must be real floating point. Keep integer, boolean"
+          " or complex state out of params."
+      )
+
+
+def check_same_structure(
+    tree: Any, reference: Any, argument: str, transform_name: str,
+    reference_name: str = "params",
+) -> None:
+  """Raises unless ``tree`` has the pytree structure of ``reference``."""
+  if jax.tree.structure(tree) != jax.tree.structure(reference):
+    raise ValueError(
+        f"{transform_name}: `{argument}` must have the structure of"
+        f" `{reference_name}`; got {jax.tree.structure(tree)} and"
+        f" {jax.tree.structure(reference)}."
+    )
 
 
 def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
   """Returns the leading-axis size shared by every leaf of ``batch``.
 
   Raises:
-    ValueError: if ``batch`` has no array leaves, a scalar leaf, or leaves whose
-      leading axes differ.
+    ValueError: if ``batch`` has no array leaves, a scalar leaf, leaves whose
+      leading axes differ, or no examples.
   """
   leaves_with_path = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves_with_path:
@@ -69,7 +135,13 @@ def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
         f"{transform_name}: the leaves of `batch` must share their leading"
         f" (batch) axis, got sizes {sizes}."
     )
-  return next(iter(sizes.values()))
+  size = next(iter(sizes.values()))
+  if size == 0:
+    raise ValueError(
+        f"{transform_name}: `batch` is empty (batch axis of size 0); a SAM"
+        " step needs at least one example."
+    )
+  return size
 
 
 def check_per_example_losses(
@@ -105,22 +177,105 @@ def mean_gradient(loss_fn: LossFn, params: Params, batch: Batch) -> Params:
   return jax.grad(mean_loss, argnums=1)(loss_fn, params, batch)
 
 
-def check_sign(
-    value: ArrayLike, argument: str, transform_name: str, *,
-    allow_zero: bool,
+def _is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_number(
+    value: Any,
+    argument: str,
+    transform_name: str,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    allow_inf: bool = False,
 ) -> None:
-  """Rejects a concrete ``value`` below zero (or at zero); traced values pass."""
+  """Rejects a hyperparameter that is not a real number in range.
+
+  The one check for real-valued hyperparameters (``rho``, ``sigma``, ``eta``,
+  ...), run when a transform is built. ``None``, booleans, strings, arrays
+  with more than one element, NaN and (unless ``allow_inf``) infinities are
+  errors, as are values below ``minimum``, at or below ``above``, or at or
+  above ``below``. Concrete arrays are checked like numbers; traced values
+  (under ``jax.jit``, e.g. hyperparameters injected by
+  ``optax.inject_hyperparams``) cannot be inspected and pass unchecked.
+
+  Raises:
+    ValueError: naming ``argument`` and ``transform_name``.
+  """
+  if _is_traced(value):
+    return
+  def fail(requirement: str) -> None:
+    raise ValueError(
+        f"{transform_name}: {argument} must be {requirement}, got {value!r}."
+    )
+  if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+    fail("a real number")
   try:
     number = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not (number > 0 or (allow_zero and number == 0)):  # NaN fails too
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(
-        f"{transform_name}: {argument} must be {bound}, got {value}."
-    )
+  except (TypeError, ValueError):
+    fail("a real number (a Python or NumPy scalar, or a scalar array)")
+  if math.isnan(number):
+    fail("a real number, not NaN")
+  if math.isinf(number) and not allow_inf:
+    fail("finite")
+  if minimum is not None and number < minimum:
+    fail(f">= {minimum}")
+  if above is not None and number <= above:
+    fail(f"> {above}")
+  if below is not None and number >= below:
+    fail(f"< {below}")
 
 
 def check_rho(rho: ArrayLike, transform_name: str) -> None:
-  """Rejects a negative (concrete) radius early; traced values pass."""
-  check_sign(rho, "rho", transform_name, allow_zero=True)
+  """``rho`` must be a finite number ``>= 0`` (traced values pass)."""
+  check_number(rho, "rho", transform_name, minimum=0)
+
+
+def check_integer(
+    value: Any,
+    argument: str,
+    transform_name: str,
+    *,
+    minimum: int = 1,
+    optional: bool = False,
+    static_hint: bool = True,
+) -> int | None:
+  """Returns ``value`` as a Python int, or raises naming ``argument``.
+
+  The one check for integer options (sizes, counts): Python and NumPy integers
+  are accepted; booleans, floats and JAX arrays are not.
+  Such options set shapes or loop counts, so they must be concrete: a traced
+  value (e.g. one ``optax.inject_hyperparams`` turned into an array) is an
+  error that says to make it static.
+
+  ``optional`` lets None through (returned as None).
+
+  Raises:
+    ValueError: if ``value`` is not an integer ``>= minimum``.
+  """
+  if optional and value is None:
+    return None
+  # A JAX array is rejected even when concrete, so that the same call does
+  # not work eagerly and then fail under jit.
+  is_jax = _is_traced(value) or isinstance(value, jax.Array)
+  hint = ""
+  if static_hint and is_jax:
+    hint = (
+        f" It sets shapes or loop counts, so it must be static: with"
+        f" optax.inject_hyperparams pass static_args=({argument!r},)."
+    )
+  if not isinstance(value, (bool, np.bool_)) and not is_jax:
+    try:
+      number = operator.index(value)
+    except TypeError:
+      number = None
+    if number is not None and number >= minimum:
+      return number
+  requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+  requirement += " or None" if optional else ""
+  raise ValueError(
+      f"{transform_name}: {argument} must be {requirement}, got"
+      f" {value!r}.{hint}"
+  )

@@ -8,6 +8,7 @@ from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _perturbation
 from sam_optax import _transform
 
 
@@ -41,6 +42,13 @@ def friendly_ascent(
         "f_sam: momentum_in_direction must be 'previous' or 'current', got"
         f" {momentum_in_direction!r}."
     )
+  _contract.check_number(sigma, "sigma", "f_sam", minimum=0)
+  _contract.check_number(lmbda, "lmbda", "f_sam", minimum=0, below=1)
+  # float32 from the start, so that a Python float and the float32 array
+  # optax.inject_hyperparams passes give the same arithmetic (1 − λ in
+  # float64 then rounded differs from 1 − λ in float32 by an ulp).
+  sigma = jnp.asarray(sigma, jnp.float32)
+  lmbda = jnp.asarray(lmbda, jnp.float32)
 
   def init(params: optax.Params) -> FriendlyAscentState:
     return FriendlyAscentState(
@@ -87,6 +95,7 @@ def f_sam(
     lmbda: ArrayLike = 0.6,
     *,
     momentum_in_direction: Literal["previous", "current"] = "previous",
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly SAM (F-SAM): remove the EMA of gradients from the ascent.
 
@@ -101,11 +110,17 @@ def f_sam(
   ``d_t = g_B − σ m_t`` with ``m_0 = 0``. ``sigma = 0`` is :func:`sam`.
 
   Args:
-    rho: the perturbation radius ``ρ``.
-    sigma: ``σ``, how much of the EMA (the full-gradient estimate) to remove.
-    lmbda: ``λ``, the EMA's decay.
+    rho: the perturbation radius ``ρ >= 0``.
+    sigma: ``σ >= 0``, how much of the EMA (the full-gradient estimate) to
+      remove.
+    lmbda: ``λ ∈ [0, 1)``, the EMA's decay.
     momentum_in_direction: ``"previous"`` (official code) or ``"current"``
       (paper).
+    perturb_mask: which leaves to perturb; see :func:`sam`. The EMA covers
+      every leaf.
+
+  Hyperparameters are checked when the transform is built (traced values,
+  e.g. under ``jax.jit`` with ``optax.inject_hyperparams``, cannot be).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -117,5 +132,5 @@ def f_sam(
   """
   return _transform.sharpness_aware(
       friendly_ascent(sigma, lmbda, momentum_in_direction), rho,
-      normalize=True, name="f_sam",
+      normalize=True, perturb_mask=perturb_mask, name="f_sam",
   )

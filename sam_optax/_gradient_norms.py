@@ -98,18 +98,19 @@ def _losses32(loss_fn: _contract.LossFn, params: Any, batch: Any) -> jax.Array:
 
 
 def check_probe_options(sigma: ArrayLike, num_probes: int, difference: str,
-                        name: str) -> None:
-  """Raises a clear error for a bad ``num_probes``, ``difference`` or ``σ``."""
-  if not isinstance(num_probes, int) or num_probes < 1:
-    raise ValueError(
-        f"{name}: num_probes must be a positive int, got {num_probes!r}."
-    )
+                        name: str) -> int:
+  """Raises a clear error for a bad ``num_probes``, ``difference`` or ``σ``.
+
+  Returns ``num_probes`` as a Python int.
+  """
+  num_probes = _contract.check_integer(num_probes, "num_probes", name)
   if difference not in ("forward", "central"):
     raise ValueError(
         f"{name}: difference must be 'forward' or 'central', got"
         f" {difference!r}."
     )
-  _contract.check_sign(sigma, "sigma", name, allow_zero=False)
+  _contract.check_number(sigma, "sigma", name, above=0)
+  return num_probes
 
 
 def directional_derivative_estimate(
@@ -189,7 +190,7 @@ def finite_difference_gradient_norms(
     A float32 vector ``s`` of shape ``[B]``.
   """
   name = "finite_difference_gradient_norms"
-  check_probe_options(sigma, num_probes, difference, name)
+  num_probes = check_probe_options(sigma, num_probes, difference, name)
   _contract.check_per_example_losses(loss_fn, params, batch, name)
   probe_params = probe_parameters(params, probe_in_float32)
   if probe_in_float32 and any(
@@ -198,25 +199,33 @@ def finite_difference_gradient_norms(
   if difference == "forward" and losses is None:
     losses = _losses32(loss_fn, probe_params, batch)
   keys = jax.random.split(key, num_probes)
-  squares = [
-      jnp.square(directional_derivative_estimate(
+  estimates = jnp.stack([
+      directional_derivative_estimate(
           loss_fn, probe_params, batch, keys[k], sigma, losses=losses,
-          difference=difference))
+          difference=difference)
       for k in range(num_probes)
-  ]
-  return jnp.sqrt(sum(squares) / num_probes)
+  ])
+  # sqrt(mean_k x_k²) as a·sqrt(mean_k (x_k/a)²), a = max_k |x_k|: squaring
+  # directly overflows float32 for norms above ~1.8e19.
+  magnitude = jnp.max(jnp.abs(estimates), axis=0)
+  magnitude = jnp.where(jnp.isfinite(magnitude) & (magnitude > 0), magnitude,
+                        1.0)
+  return magnitude * jnp.sqrt(jnp.mean(jnp.square(estimates / magnitude),
+                                       axis=0))
 
 
 def _check_microbatch_size(microbatch_size: int | None, size: int,
-                           name: str) -> None:
+                           name: str) -> int | None:
   if microbatch_size is None:
-    return
-  if (not isinstance(microbatch_size, int) or microbatch_size < 1
-      or size % microbatch_size):
+    return None
+  microbatch_size = _contract.check_integer(
+      microbatch_size, "microbatch_size", name)
+  if size % microbatch_size:
     raise ValueError(
-        f"{name}: microbatch_size must be a positive int dividing the batch"
-        f" size {size}, got {microbatch_size!r}."
+        f"{name}: microbatch_size must divide the batch size {size}, got"
+        f" {microbatch_size!r}."
     )
+  return microbatch_size
 
 
 def _per_example_gradient_metrics(
@@ -265,7 +274,7 @@ def per_example_gradient_norms(
   """
   name = "per_example_gradient_norms"
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
-  _check_microbatch_size(microbatch_size, size, name)
+  microbatch_size = _check_microbatch_size(microbatch_size, size, name)
   return _per_example_gradient_metrics(
       loss_fn, params, batch, _perturbation.global_norm, microbatch_size)
 
@@ -342,9 +351,9 @@ def calibrate_sigma(
   if not candidates:
     raise ValueError(f"{name}: candidates must not be empty.")
   for sigma in candidates:
-    check_probe_options(sigma, num_probes, difference, name)
+    num_probes = check_probe_options(sigma, num_probes, difference, name)
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
-  _check_microbatch_size(microbatch_size, size, name)
+  microbatch_size = _check_microbatch_size(microbatch_size, size, name)
   probe_params = probe_parameters(params, probe_in_float32)
   keys = jax.random.split(key, num_probes)
 

@@ -22,6 +22,7 @@ from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _perturbation
 from sam_optax import _sam
 
 Implementation = Literal["auto", "vmap", "unrolled"]
@@ -34,19 +35,6 @@ Compile time and program size grow linearly with the unrolled count (the
 benchmark's small CNN: 7–10 s at 8 or 16 micro-batches, 17–22 s at 32, against
 5–6 s for ``"vmap"``; BENCHMARKS.md).
 """
-
-
-def _check_positive_int(value: Any, argument: str, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    hint = ""
-    if isinstance(value, jax.Array):
-      hint = (
-          " It sets array shapes, so it must be static: with"
-          f" optax.inject_hyperparams pass static_args=({argument!r},)."
-      )
-    raise ValueError(
-        f"{name}: {argument} must be a positive int, got {value!r}.{hint}"
-    )
 
 
 def num_micro_batches(
@@ -131,14 +119,15 @@ def _leading_axis_sharding(x: jax.Array, count: int) -> Any:
 
 
 def _micro_batch_step(
-    rho: ArrayLike, normalize: bool
+    rho: ArrayLike, normalize: bool, perturb_mask: _perturbation.PerturbMask
 ) -> Callable[[_contract.LossFn, Any, Any], Any]:
   """One micro-batch's step: exactly a :func:`sam` (or :func:`usam`) update.
 
   Returns ``(loss_fn, params, micro_batch) -> ∇L_{B_j}(w + ε_j)`` in float32,
   so that the average over micro-batches accumulates in float32.
   """
-  inner = _sam.sam(rho) if normalize else _sam.usam(rho)
+  inner = (_sam.sam if normalize else _sam.usam)(
+      rho, perturb_mask=perturb_mask)
 
   def step(loss_fn: _contract.LossFn, params: Any, micro_batch: Any) -> Any:
     gradient, _ = inner.update(
@@ -206,6 +195,7 @@ def m_sam(
     normalize: bool = True,
     implementation: Implementation = "auto",
     micro_batches_per_chunk: int | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""m-SAM (and m-USAM): a SAM step on each micro-batch, averaged.
 
@@ -273,6 +263,7 @@ def m_sam(
     implementation: ``"auto"``, ``"vmap"`` or ``"unrolled"``, see above.
     micro_batches_per_chunk: how many micro-batches are processed at once
       (must divide ``k``); None processes all ``k`` at once.
+    perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (stateless).
@@ -286,16 +277,17 @@ def m_sam(
   """
   name = "m_sam" if normalize else "m_usam"
   _contract.check_rho(rho, name)
-  _check_positive_int(micro_batch_size, "micro_batch_size", name)
+  micro_batch_size = _contract.check_integer(
+      micro_batch_size, "micro_batch_size", name)
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(
         f"{name}: implementation must be one of {_IMPLEMENTATIONS}, got"
         f" {implementation!r}."
     )
   if micro_batches_per_chunk is not None:
-    _check_positive_int(micro_batches_per_chunk, "micro_batches_per_chunk",
-                        name)
-  step = _micro_batch_step(rho, normalize)
+    micro_batches_per_chunk = _contract.check_integer(
+        micro_batches_per_chunk, "micro_batches_per_chunk", name)
+  step = _micro_batch_step(rho, normalize, perturb_mask)
 
   def update_fn(
       updates: optax.Updates | None,
@@ -343,7 +335,11 @@ def m_sam(
 
 
 def m_sam_reference(
-    rho: ArrayLike, micro_batch_size: int, *, normalize: bool = True
+    rho: ArrayLike,
+    micro_batch_size: int,
+    *,
+    normalize: bool = True,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   """m-SAM by its definition: a loop of :func:`sam` steps, one per micro-batch.
 
@@ -357,13 +353,17 @@ def m_sam_reference(
     rho: the perturbation radius ``ρ``.
     micro_batch_size: ``m``; must divide the batch size.
     normalize: m-SAM (True) or m-USAM (False).
+    perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (stateless).
   """
   name = "m_sam_reference"
-  _check_positive_int(micro_batch_size, "micro_batch_size", name)
-  inner = _sam.sam(rho) if normalize else _sam.usam(rho)
+  _contract.check_rho(rho, name)
+  micro_batch_size = _contract.check_integer(
+      micro_batch_size, "micro_batch_size", name)
+  inner = (_sam.sam if normalize else _sam.usam)(
+      rho, perturb_mask=perturb_mask)
 
   def update_fn(
       updates: optax.Updates | None,

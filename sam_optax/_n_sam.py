@@ -7,6 +7,7 @@ from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _perturbation
 from sam_optax import _transform
 
 
@@ -41,10 +42,8 @@ def ascent_set_ascent() -> _transform.AscentDirection:
           + ("both." if ascent_batch is not None else "neither.")
       )
     if ascent_gradient is not None:
-      if jax.tree.structure(ascent_gradient) != jax.tree.structure(params):
-        raise ValueError(
-            "n_sam: `ascent_gradient` must have the structure of `params`."
-        )
+      _contract.check_same_structure(ascent_gradient, params,
+                                     "ascent_gradient", "n_sam")
       return ascent_gradient, state
     _contract.check_per_example_losses(loss_fn, params, ascent_batch, "n_sam")
     return _contract.mean_gradient(loss_fn, params, ascent_batch), state
@@ -55,7 +54,10 @@ def ascent_set_ascent() -> _transform.AscentDirection:
 
 
 def n_sam(
-    rho: ArrayLike = 0.05, *, normalize: bool = True
+    rho: ArrayLike = 0.05,
+    *,
+    normalize: bool = True,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""n-SAM (and n-USAM): the ascent on a larger set ``A``, the descent on ``B``.
 
@@ -77,6 +79,7 @@ def n_sam(
   Args:
     rho: the perturbation radius ``ρ``.
     normalize: n-SAM (True) or n-USAM (False).
+    perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -89,5 +92,5 @@ def n_sam(
   """
   return _transform.sharpness_aware(
       ascent_set_ascent(), rho, normalize=normalize,
-      name="n_sam" if normalize else "n_usam",
+      perturb_mask=perturb_mask, name="n_sam" if normalize else "n_usam",
   )

@@ -9,15 +9,19 @@ does the same two things:
 2. the gradient handed on, ``∇L_B(w + ε)``.
 
 Norms are global L2 norms over every leaf, accumulated in float32 whatever the
-parameters' dtype, and ``δ = 1e-12`` guards the division, so a zero direction
-gives a zero perturbation, never NaN.
+parameters' dtype and scaled by the largest entry so that no finite gradient
+overflows them, and ``δ = 1e-12`` guards the division, so a zero direction
+gives a zero perturbation, never NaN. A ``perturb_mask`` restricts ``ε`` (and
+the norm) to some leaves.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from sam_optax import _contract
@@ -26,9 +30,76 @@ NORM_EPS = 1e-12
 """``δ``: guards every division by a norm (a zero gradient gives ``ε = 0``)."""
 
 
+PerturbMask = Any | Callable[[Any], Any] | None
+"""Which leaves SAM perturbs: None (all), a pytree of bools shaped like the
+parameters, or a function ``params -> that pytree``."""
+
+
+def magnitude_scale(tree: Any) -> jax.Array:
+  """``max_j |x_j|`` over every entry of a float32 ``tree``, or 1 if that is
+  zero, infinite or NaN: dividing by it keeps squares from overflowing."""
+  largest = optax.tree.norm(tree, ord="inf")
+  return jnp.where(jnp.isfinite(largest) & (largest > 0), largest, 1.0)
+
+
+def divide(tree: Any, scale: jax.Array) -> Any:
+  """``tree / scale``, as two multiplications by ``1/sqrt(scale)``.
+
+  XLA turns a division by a scalar into a multiplication by its reciprocal,
+  which is subnormal, so flushed to zero, for scales above ~8.5e37; the
+  reciprocal of the square root is a normal number for every normal scale.
+  """
+  root = jax.lax.rsqrt(scale)
+  return jax.tree.map(lambda x: (x * root) * root, tree)
+
+
 def global_norm(tree: Any) -> jax.Array:
-  """The global L2 norm over every leaf, accumulated in float32."""
-  return optax.tree.norm(optax.tree.cast(tree, jnp.float32))
+  """The global L2 norm over every leaf, accumulated in float32.
+
+  Computed as ``a ‖x/a‖`` with ``a = max_j |x_j|``, so it stays finite for any
+  finite ``x`` (a plain float32 sum of squares overflows from ``‖x‖ ≈
+  1.8e19``).
+  """
+  tree = optax.tree.cast(tree, jnp.float32)
+  scale = magnitude_scale(tree)
+  return scale * optax.tree.norm(divide(tree, scale))
+
+
+def resolve_mask(
+    mask: PerturbMask, params: Any, transform_name: str,
+    argument: str = "perturb_mask",
+) -> Any | None:
+  """The pytree of bools ``mask`` stands for at ``params`` (None stays None).
+
+  Raises:
+    ValueError: if it does not have the structure of ``params``.
+  """
+  if mask is None:
+    return None
+  tree = mask(params) if callable(mask) else mask
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError(
+        f"{transform_name}: `{argument}` must be a pytree of bools with the"
+        " structure of params, or a function of params returning one; got"
+        f" {jax.tree.structure(tree)} for params"
+        f" {jax.tree.structure(params)}. (Inside optax.inject_hyperparams a"
+        " callable argument is taken for a schedule: pass"
+        f" static_args=({argument!r},).)"
+    )
+  return tree
+
+
+def apply_mask(tree: Any, mask: Any | None) -> Any:
+  """``tree`` with the leaves where ``mask`` is False set to zero."""
+  if mask is None:
+    return tree
+
+  def leaf(x: jax.Array, keep: Any) -> jax.Array:
+    if isinstance(keep, (bool, np.bool_)):
+      return x if keep else jnp.zeros_like(x)
+    return jnp.where(keep, x, jnp.zeros_like(x))  # a traced or array mask
+
+  return jax.tree.map(leaf, tree, mask)
 
 
 def perturbation(
@@ -37,27 +108,37 @@ def perturbation(
     *,
     normalize: bool = True,
     scale: Any | None = None,
+    mask: Any | None = None,
 ) -> Any:
   """The ascent perturbation ``ε`` (float32 leaves).
 
-  ``ε = ρ T ⊙ u / (‖u‖ + δ)`` with ``u = T ⊙ d`` if ``normalize`` (SAM, ASAM),
-  else ``ε = ρ T ⊙ u`` (USAM); ``T = 1`` when ``scale`` is None.
+  ``ε = ρ T ⊙ u / (‖u‖ + δ)`` with ``u = T ⊙ M ⊙ d`` if ``normalize`` (SAM,
+  ASAM), else ``ε = ρ T ⊙ u`` (USAM); ``T = 1`` when ``scale`` is None and
+  ``M`` (0 or 1 per leaf) is ``mask``, 1 everywhere when None. The normalized
+  form divides ``u`` by its largest magnitude first, so ``‖ε‖ = ρ`` for any
+  finite nonzero ``u`` (no overflow to ``ε = 0``).
 
   Args:
     direction: the ascent direction ``d``, a pytree like the parameters.
     rho: the radius ``ρ``.
     normalize: divide by the norm of ``u`` (SAM) or not (USAM).
     scale: ASAM's elementwise scale ``T`` (a pytree like ``direction``), or None.
+    mask: a pytree of bools like ``direction`` (see
+      :func:`resolve_mask`): leaves where it is False are not
+      perturbed and do not count in the norm. None perturbs every leaf.
 
   Returns:
     ``ε``, a pytree like ``direction`` with float32 leaves.
   """
-  scaled = optax.tree.cast(direction, jnp.float32)
+  scaled = apply_mask(optax.tree.cast(direction, jnp.float32), mask)
   if scale is not None:
     scaled = optax.tree.mul(optax.tree.cast(scale, jnp.float32), scaled)
   factor = jnp.asarray(rho, jnp.float32)
   if normalize:
-    factor = factor / (global_norm(scaled) + NORM_EPS)
+    # u / (‖u‖ + δ) = (u/a) / (‖u/a‖ + δ/a): the same, without overflow.
+    magnitude = magnitude_scale(scaled)
+    scaled = divide(scaled, magnitude)
+    factor = factor / (optax.tree.norm(scaled) + NORM_EPS / magnitude)
   epsilon = optax.tree.scale(factor, scaled)
   if scale is not None:
     epsilon = optax.tree.mul(optax.tree.cast(scale, jnp.float32), epsilon)

@@ -56,13 +56,17 @@ def normalize_norms(norms: jax.Array, normalize: Normalization = "mean"
   """``ŝ`` from ``s``: ``"mean"``: ``s / (mean s + δ)``; ``"zscore"``:
   ``(s − mean s) / (std s + δ)``; ``"none"``: ``s`` (``δ = 1e-12``)."""
   norms = norms.astype(jnp.float32)
-  if normalize == "mean":
-    return norms / (jnp.mean(norms) + _perturbation.NORM_EPS)
-  if normalize == "zscore":
-    return (norms - jnp.mean(norms)) / (jnp.std(norms)
-                                        + _perturbation.NORM_EPS)
   if normalize == "none":
     return norms
+  # Divided by the largest norm first (and δ with it), so that no finite
+  # norms overflow the mean or the variance.
+  magnitude = _perturbation.magnitude_scale(norms)
+  norms = _perturbation.divide(norms, magnitude)
+  eps = _perturbation.NORM_EPS / magnitude
+  if normalize == "mean":
+    return norms / (jnp.mean(norms) + eps)
+  if normalize == "zscore":
+    return (norms - jnp.mean(norms)) / (jnp.std(norms) + eps)
   raise ValueError(
       f"normalize must be 'mean', 'zscore' or 'none', got {normalize!r}."
   )
@@ -89,10 +93,12 @@ def gibbs_weights(norms: jax.Array, lam: ArrayLike,
 
 def _diagnostics(losses: jax.Array, norms: jax.Array,
                  weights: jax.Array) -> ReweightedAscentState:
+  magnitude = _perturbation.magnitude_scale(norms)  # no overflow in the std
   return ReweightedAscentState(
       clean_loss=jnp.mean(losses.astype(jnp.float32)),
       gradient_norm_mean=jnp.mean(norms),
-      gradient_norm_std=jnp.std(norms),
+      gradient_norm_std=magnitude * jnp.std(
+          _perturbation.divide(norms, magnitude)),
       gradient_norm_max=jnp.max(norms),
       weight_entropy=jnp.sum(jax.scipy.special.entr(weights)),
       effective_sample_size=1.0 / jnp.sum(jnp.square(weights)),
@@ -103,7 +109,7 @@ def reweighted_ascent(
     lam: ArrayLike = 0.5,
     *,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int = 1,
+    num_probes: int | None = None,
     normalize: Normalization = "mean",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
@@ -136,8 +142,15 @@ def reweighted_ascent(
         f"{name}: gradient_norms must be 'finite_difference' or 'exact', got"
         f" {gradient_norms!r}."
     )
-  _contract.check_sign(lam, "lam", name, allow_zero=False)
-  _gradient_norms.check_probe_options(sigma, num_probes, difference, name)
+  _contract.check_number(lam, "lam", name, above=0, allow_inf=True)
+  # None, not 1, by default: optax.inject_hyperparams turns an int argument
+  # into an array, and the probe count must stay a Python int.
+  num_probes = 1 if num_probes is None else num_probes
+  num_probes = _gradient_norms.check_probe_options(
+      sigma, num_probes, difference, name)
+  if microbatch_size is not None:
+    microbatch_size = _contract.check_integer(
+        microbatch_size, "microbatch_size", name)
 
   def init(params: optax.Params) -> ReweightedAscentState:
     del params
@@ -183,12 +196,13 @@ def rw_sam(
     lam: ArrayLike = 0.5,
     *,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int = 1,
+    num_probes: int | None = None,
     normalize: Normalization = "mean",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     microbatch_size: int | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted SAM (RW-SAM).
 
@@ -221,12 +235,15 @@ def rw_sam(
     rho: the perturbation radius ``ρ``.
     lam: the temperature ``λ > 0`` of the weights (0.5 in the paper; ``jnp.inf``
       gives SAM).
-    sigma: the probe scale ``σ > 0``. The default 1e-4 suits float32 models
+    sigma: the probe scale ``σ > 0`` (finite). The default 1e-4 suits float32
+      models
       from small CNNs to ResNet-18 (see ``DEFAULT_SIGMA`` in
       ``sam_optax._gradient_norms``); the paper calibrates it before
       training: :func:`calibrate_sigma`.
-    num_probes: probes ``K``; ``s_i = sqrt(mean_k Δ_ik²)/σ`` (``K = 1`` in the
-      paper). Each adds a forward pass.
+    num_probes: probes ``K``; ``s_i = sqrt(mean_k Δ_ik²)/σ``; None is
+      ``K = 1``, as in the paper. Each adds a forward pass. It sets the
+      number of passes, so inside ``optax.inject_hyperparams`` an explicit
+      value needs ``static_args=("num_probes",)``.
     normalize: how ``s`` is normalized before the softmax: ``"mean"``
       (``s / mean s``, makes ``λ`` scale-free), ``"zscore"`` or ``"none"``.
     gradient_norms: ``"finite_difference"`` (the paper), or ``"exact"``:
@@ -239,6 +256,8 @@ def rw_sam(
       (this costs one more float32 forward for its baseline ``ℓ(w)``);
       float32 parameters are unaffected.
     microbatch_size: examples per chunk in the exact mode (divides ``B``).
+    perturb_mask: which leaves to perturb; see :func:`sam`. The weights ``p``
+      come from per-example gradient norms over every leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -254,7 +273,7 @@ def rw_sam(
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
           name="rw_sam"),
-      rho, normalize=True, name="rw_sam",
+      rho, normalize=True, perturb_mask=perturb_mask, name="rw_sam",
   )
 
 
@@ -263,14 +282,15 @@ def rw_asam(
     lam: ArrayLike = 0.5,
     eta: ArrayLike = 0.01,
     *,
-    mask: _asam.Mask = _asam.not_bias_mask,
+    scale_mask: _asam.Mask = None,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int = 1,
+    num_probes: int | None = None,
     normalize: Normalization = "mean",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     microbatch_size: int | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted ASAM: RW-SAM's weighted ascent with ASAM's scale.
 
@@ -280,14 +300,15 @@ def rw_asam(
     \text{returns } \nabla L_B(w + \varepsilon),
 
   with ``g_p`` RW-SAM's reweighted gradient (see :func:`rw_sam`) and ``T = 1``
-  where ``mask`` is False (see :func:`asam`). ``λ → ∞`` is :func:`asam`.
+  where ``scale_mask`` is False (see :func:`asam`). ``λ → ∞`` is :func:`asam`.
   Needs ``key`` in ``update`` like :func:`rw_sam`.
 
   Args:
     rho: the radius ``ρ`` (ASAM scale; e.g. 0.5 on CIFAR-10).
     lam: the temperature ``λ`` of the weights.
     eta: ``η``, the offset of ASAM's scale.
-    mask: the leaves ASAM scales (default: all but those named ``bias``).
+    scale_mask: the leaves ASAM scales (default: all but those named
+      ``bias``).
     sigma: see :func:`rw_sam`.
     num_probes: see :func:`rw_sam`.
     normalize: see :func:`rw_sam`.
@@ -295,6 +316,7 @@ def rw_asam(
     difference: see :func:`rw_sam`.
     probe_in_float32: see :func:`rw_sam`.
     microbatch_size: see :func:`rw_sam`.
+    perturb_mask: see :func:`rw_sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -304,13 +326,13 @@ def rw_asam(
     2509.18001 (Table 9); Kwon et al., `ASAM
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
-  _contract.check_sign(eta, "eta", "rw_asam", allow_zero=True)
+  _contract.check_number(eta, "eta", "rw_asam", minimum=0)
   return _transform.sharpness_aware(
       reweighted_ascent(
           lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
           name="rw_asam"),
-      rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, mask),
-      name="rw_asam",
+      rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, scale_mask),
+      perturb_mask=perturb_mask, name="rw_asam",
   )

@@ -7,6 +7,7 @@ from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _perturbation
 from sam_optax import _transform
 
 
@@ -38,7 +39,9 @@ def clean_gradient_ascent() -> _transform.AscentDirection:
   )
 
 
-def sam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
+def sam(
+    rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Mini-batch sharpness-aware minimization (SAM).
 
   .. math::
@@ -56,7 +59,11 @@ def sam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
   ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``).
 
   Args:
-    rho: the perturbation radius ``ρ``.
+    rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
+    perturb_mask: which leaves to perturb: None (all), a pytree of bools
+      with the structure of ``params``, or a function ``params -> that
+      pytree``. Excluded leaves get ``ε = 0`` and do not count in the norm;
+      the returned gradient covers every leaf.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -66,11 +73,14 @@ def sam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
   return _transform.sharpness_aware(
-      clean_gradient_ascent(), rho, normalize=True, name="sam"
+      clean_gradient_ascent(), rho, normalize=True,
+      perturb_mask=perturb_mask, name="sam",
   )
 
 
-def usam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
+def usam(
+    rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Unnormalized SAM (USAM).
 
   .. math::
@@ -80,7 +90,8 @@ def usam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
   ``L_B + (ρ/2)‖g_B‖²``.
 
   Args:
-    rho: the perturbation radius ``ρ``.
+    rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
+    perturb_mask: which leaves to perturb; see :func:`sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -90,5 +101,6 @@ def usam(rho: ArrayLike = 0.05) -> optax.GradientTransformationExtraArgs:
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022.
   """
   return _transform.sharpness_aware(
-      clean_gradient_ascent(), rho, normalize=False, name="usam"
+      clean_gradient_ascent(), rho, normalize=False,
+      perturb_mask=perturb_mask, name="usam",
   )

@@ -62,23 +62,13 @@ def clean_gradient_or_compute(
   return _contract.mean_gradient(loss_fn, params, batch)
 
 
-def _check_same_structure(updates: Any, params: Any, name: str) -> None:
-  if updates is None:
-    return
-  if jax.tree.structure(updates) != jax.tree.structure(params):
-    raise ValueError(
-        f"{name}: `updates` (the clean gradient) must have the structure of"
-        f" `params`; got {jax.tree.structure(updates)} and"
-        f" {jax.tree.structure(params)}."
-    )
-
-
 def sharpness_aware(
     ascent: AscentDirection,
     rho: ArrayLike,
     *,
     normalize: bool = True,
     scale_fn: Callable[[optax.Params], Any] | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
     name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The SAM step around any ascent direction.
@@ -90,12 +80,22 @@ def sharpness_aware(
     \text{returns } \nabla L_B(w + \varepsilon),
 
   with ``d`` from ``ascent`` and ``T = scale_fn(w)`` (``T = 1`` if None).
+  With ``perturb_mask``, ``d`` is zeroed on the leaves it excludes first: they
+  are not perturbed and do not count in ``‖u‖``; the returned gradient still
+  covers every leaf.
+
+  Hyperparameters are checked when the transform is built: ``rho`` must be a
+  finite number ``>= 0``. Traced values (e.g. under ``jax.jit`` with
+  ``optax.inject_hyperparams``) cannot be checked and are used as given.
 
   Args:
     ascent: the ascent direction and its state.
     rho: the perturbation radius ``ρ >= 0``.
     normalize: SAM-style normalized ascent (True) or USAM-style (False).
     scale_fn: ``params -> T``, ASAM's elementwise scale, or None.
+    perturb_mask: which leaves to perturb: None (all), a pytree of bools with
+      the structure of the parameters, or a function ``params -> that
+      pytree``.
     name: the name used in error messages.
 
   Returns:
@@ -117,15 +117,17 @@ def sharpness_aware(
   ) -> tuple[optax.Updates, optax.OptState]:
     params, loss_fn, batch = _contract.require_arguments(
         params, loss_fn, batch, name)
-    _check_same_structure(updates, params, name)
+    if updates is not None:
+      _contract.check_same_structure(updates, params, "updates", name)
     _contract.check_per_example_losses(loss_fn, params, batch, name)
+    mask = _perturbation.resolve_mask(perturb_mask, params, name)
     direction, state = ascent.direction(
         updates, state, params, loss_fn=loss_fn, batch=batch, key=key,
         **extra_args,
     )
     scale = scale_fn(params) if scale_fn is not None else None
     epsilon = _perturbation.perturbation(
-        direction, rho, normalize=normalize, scale=scale
+        direction, rho, normalize=normalize, scale=scale, mask=mask
     )
     return (
         _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),

@@ -136,7 +136,7 @@ def test_asam_mask_can_scale_every_leaf():
   params, batch = mlp_setup(0)
   everything = one_step(
       lambda rho: sam_optax.asam(
-          rho, mask=lambda p: jax.tree.map(lambda _: True, p)),
+          rho, scale_mask=lambda p: jax.tree.map(lambda _: True, p)),
       (0.1,), params, batch)
   default = one_step(sam_optax.asam, (0.1,), params, batch)
   assert not np.allclose(flatten(everything), flatten(default))

@@ -104,7 +104,7 @@ class LimitsTest(chex.TestCase):
   def test_rw_asam_composes_asam_scale_with_the_weights(self):
     params, batch = _setup(seed=3)
     key = jax.random.key(4)
-    unscaled = sam_optax.rw_asam(RHO, 0.5, mask=lambda p: jax.tree.map(
+    unscaled = sam_optax.rw_asam(RHO, 0.5, scale_mask=lambda p: jax.tree.map(
         lambda _: False, p))
     a, _ = _update(unscaled, params, batch, key)
     b, _ = _update(sam_optax.rw_sam(RHO, 0.5), params, batch, key)

@@ -27,18 +27,6 @@ Data = Any
 """A pytree whose leaves share a leading axis: one entry per example."""
 
 
-def check_chunk_size(chunk_size: int | None, name: str) -> None:
-  """Raises a clear error unless ``chunk_size`` is None or a positive int."""
-  if chunk_size is None:
-    return
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or (
-      chunk_size < 1):
-    raise ValueError(
-        f"{name}: chunk_size must be a positive int (examples processed at"
-        f" once) or None (all at once), got {chunk_size!r}."
-    )
-
-
 def num_examples(data: Data) -> int:
   """``N``, the leading-axis size shared by every leaf of ``data``."""
   return _contract.batch_size(data, "sam_optax.diagnostics")

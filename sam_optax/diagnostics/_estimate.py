@@ -27,13 +27,3 @@ def from_samples(samples: jax.Array) -> Estimate:
       mean=jnp.mean(samples),
       standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(count),
   )
-
-
-def check_num_samples(num_samples: int, argument: str, name: str) -> None:
-  """At least two samples are needed for a standard error."""
-  if isinstance(num_samples, bool) or not isinstance(num_samples, int) or (
-      num_samples < 2):
-    raise ValueError(
-        f"{name}: {argument} must be an int >= 2 (a standard error needs two"
-        f" samples), got {num_samples!r}."
-    )

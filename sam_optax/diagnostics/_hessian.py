@@ -20,20 +20,6 @@ from sam_optax.diagnostics import _dataset
 from sam_optax.diagnostics import _estimate
 
 
-def _check_vector(vector: Any, params: Any, name: str) -> None:
-  if jax.tree.structure(vector) != jax.tree.structure(params):
-    raise ValueError(
-        f"{name}: `vector` must have the structure of `params`; got"
-        f" {jax.tree.structure(vector)} and {jax.tree.structure(params)}."
-    )
-
-
-def _check_positive_int(value: Any, argument: str, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(
-        f"{name}: {argument} must be a positive int, got {value!r}.")
-
-
 def _tangent(vector: Any, params: Any) -> Any:
   """``vector`` in the parameters' dtypes (as ``jax.jvp`` needs)."""
   return jax.tree.map(
@@ -110,8 +96,9 @@ def hessian_vector_product(
   """
   name = "hessian_vector_product"
   _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
-  _check_vector(vector, params, name)
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+  _contract.check_same_structure(vector, params, "vector", name)
   return _hvp(loss_fn, params, data, vector, chunk_size)
 
 
@@ -153,10 +140,13 @@ def hessian_trace(
   """
   name = "hessian_trace"
   _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
-  _estimate.check_num_samples(num_probes, "num_probes", name)
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+  num_probes = _contract.check_integer(num_probes, "num_probes", name,
+                                      minimum=2, static_hint=False)
   if probe_chunk_size is not None:
-    _check_positive_int(probe_chunk_size, "probe_chunk_size", name)
+    probe_chunk_size = _contract.check_integer(
+        probe_chunk_size, "probe_chunk_size", name, static_hint=False)
 
   return _hutchinson(loss_fn, params, data, key, num_probes, chunk_size,
                      probe_chunk_size)
@@ -333,8 +323,10 @@ def hessian_top_eigenpair(
   """
   name = "hessian_top_eigenpair"
   _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
-  _check_positive_int(num_iterations, "num_iterations", name)
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+  num_iterations = _contract.check_integer(
+      num_iterations, "num_iterations", name, static_hint=False)
   return _top_eigenpair(loss_fn, params, data, key, num_iterations,
                         chunk_size)
 

@@ -74,7 +74,8 @@ def mean_gradient(
   """
   name = "mean_gradient"
   _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
   return _dataset_mean_gradient(loss_fn, params, data, chunk_size)
 
 
@@ -135,7 +136,8 @@ def gradient_noise(
   """
   name = "gradient_noise"
   _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
   return _gradient_noise(loss_fn, params, data, chunk_size)
 
 
@@ -160,15 +162,15 @@ def _gradient_noise(
 
 
 def _check_micro_batch_size(micro_batch_size: Any, size: int,
-                            with_replacement: bool, name: str) -> None:
-  if (isinstance(micro_batch_size, bool)
-      or not isinstance(micro_batch_size, int) or micro_batch_size < 1
-      or (not with_replacement and micro_batch_size > size)):
+                            with_replacement: bool, name: str) -> int:
+  micro_batch_size = _contract.check_integer(
+      micro_batch_size, "micro_batch_size", name, static_hint=False)
+  if not with_replacement and micro_batch_size > size:
     raise ValueError(
-        f"{name}: micro_batch_size must be an int in [1, N]"
-        f" {'(any int >= 1 with replacement) ' if with_replacement else ''}"
-        f"with N = {size} examples, got {micro_batch_size!r}."
+        f"{name}: micro_batch_size must be at most N = {size} (the number of"
+        f" examples) when drawing without replacement, got {micro_batch_size}."
     )
+  return micro_batch_size
 
 
 def micro_batch_coefficient(
@@ -185,7 +187,8 @@ def micro_batch_coefficient(
     num_examples: ``N``.
     with_replacement: draws with (True) or without (False) replacement.
   """
-  _check_micro_batch_size(micro_batch_size, num_examples, with_replacement,
+  micro_batch_size = _check_micro_batch_size(
+      micro_batch_size, num_examples, with_replacement,
                           "micro_batch_coefficient")
   m, n = micro_batch_size, num_examples
   if with_replacement:
@@ -286,13 +289,15 @@ def sample_micro_batch_gradients(
   """
   name = "sample_micro_batch_gradients"
   size = _contract.check_per_example_losses(loss_fn, params, data, name)
-  _dataset.check_chunk_size(chunk_size, name)
-  _check_micro_batch_size(micro_batch_size, size, False, name)
-  _estimate.check_num_samples(num_samples, "num_samples", name)
-  if (mean_gradient is not None and jax.tree.structure(mean_gradient)
-      != jax.tree.structure(params)):
-    raise ValueError(f"{name}: `mean_gradient` must have the structure of"
-                     " `params`.")
+  chunk_size = _contract.check_integer(
+      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+  micro_batch_size = _check_micro_batch_size(micro_batch_size, size, False,
+                                            name)
+  num_samples = _contract.check_integer(num_samples, "num_samples", name,
+                                       minimum=2, static_hint=False)
+  if mean_gradient is not None:
+    _contract.check_same_structure(mean_gradient, params, "mean_gradient",
+                                   name)
   return _sample_micro_batches(loss_fn, params, data, micro_batch_size, key,
                                num_samples, chunk_size, mean_gradient)
 
