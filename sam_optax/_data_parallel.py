@@ -91,6 +91,42 @@ def _check_bound(axes: tuple[Hashable, ...], name: str) -> None:
       ) from error
 
 
+def _check_batch_axes(
+    loss_fn: _contract.LossFn,
+    params: Any,
+    batch: Any,
+    axes: tuple[Hashable, ...],
+    name: str,
+) -> None:
+  """Raises if the batch varies over manual mesh axes missing from ``axes``.
+
+  A batch sharded over a mesh axis that ``axis_name`` leaves out makes the
+  per-example losses vary over that axis while ``params`` are replicated
+  over it, so the gradient with respect to ``params`` is summed over it (the
+  transpose of the implicit broadcast is a ``psum``): the update would come
+  out scaled by that axis's size, silently. Only shapes and types are
+  evaluated (``jax.eval_shape``).
+  """
+  losses = jax.eval_shape(loss_fn, params, batch)
+  varying = _varying_axes(losses).union(
+      *map(_varying_axes, jax.tree.leaves(batch)))
+  missing = varying - set(axes)
+  if not missing:
+    return
+  # In the mesh's order, so that the suggested axis_name reads naturally.
+  mesh_axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
+  order = lambda a: (mesh_axes.index(a) if a in mesh_axes else len(mesh_axes),
+                     str(a))
+  missing = tuple(sorted(missing, key=order))
+  every = tuple(sorted(set(axes) | set(missing), key=order))
+  raise ValueError(
+      f"{name}: the batch varies over the mesh axes {missing}, which are not"
+      f" in axis_name={axes}; the gradient with respect to the replicated"
+      " params would be summed over them (scaled by their size). Pass every"
+      f" axis the batch is sharded over, e.g. axis_name={every}."
+  )
+
+
 def data_parallel_m_sam(
     rho: ArrayLike,
     axis_name: AxisName,
@@ -100,6 +136,7 @@ def data_parallel_m_sam(
     micro_batch_size: int | None = None,
     implementation: _m_sam.Implementation = "auto",
     micro_batches_per_chunk: int | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM over data-parallel devices: local perturbations, averaged gradients.
 
@@ -167,10 +204,19 @@ def data_parallel_m_sam(
   The returned gradient is the same on every device (all-reduced), so the
   base optimizer's state stays replicated. The average is taken in float32.
 
+  ``axis_name`` must name every mesh axis the batch is sharded over: on a
+  mesh ``("x", "y")`` with the batch sharded over both, ``axis_name="x"``
+  would sum the gradient over ``"y"`` instead of averaging it (the gradient
+  with respect to params replicated over ``"y"`` is a ``psum`` over it),
+  so ``update`` raises a ``ValueError`` naming the missing axes; pass
+  ``axis_name=("x", "y")``. This is detected from the varying-axes types
+  that ``jax.shard_map`` tracks by default; with ``check_vma=False`` they are
+  absent and the mistake cannot be detected.
+
   Args:
     rho: the perturbation radius ``ρ``.
-    axis_name: the mesh axis (or tuple of axes) the batch is sharded over;
-      the perturbed gradients are averaged over it.
+    axis_name: the mesh axis (or tuple of axes) the batch is sharded over,
+      all of them (see above); the perturbed gradients are averaged over it.
     normalize: SAM-style (True) or USAM-style (False) ascent.
     sync_perturbation: ``False`` (local), ``True`` (all of ``axis_name``) or
       the axes within ``axis_name`` to average the ascent gradient over.
@@ -179,6 +225,7 @@ def data_parallel_m_sam(
     implementation: how the micro-batches of a shard are mapped; see
       :func:`m_sam`.
     micro_batches_per_chunk: see :func:`m_sam`.
+    perturb_mask: which leaves to perturb; see :func:`sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (stateless) whose ``update``
@@ -217,9 +264,11 @@ def data_parallel_m_sam(
         rho, micro_batch_size, normalize=normalize,
         implementation=implementation,
         micro_batches_per_chunk=micro_batches_per_chunk,
+        perturb_mask=perturb_mask,
     )
   else:
-    local_step = _sam.sam(rho) if normalize else _sam.usam(rho)
+    local_step = (_sam.sam if normalize else _sam.usam)(
+        rho, perturb_mask=perturb_mask)
 
   def update_fn(
       updates: optax.Updates | None,
@@ -235,13 +284,16 @@ def data_parallel_m_sam(
     params, loss_fn, batch = _contract.require_arguments(
         params, loss_fn, batch, name)
     _check_bound(axes, name)
+    _contract.check_per_example_losses(loss_fn, params, batch, name)
+    _check_batch_axes(loss_fn, params, batch, axes, name)
     local_params = _local_copy(params, axes)
     if sync_axes:
-      _contract.check_per_example_losses(loss_fn, params, batch, name)
       gradient = _contract.mean_gradient(loss_fn, local_params, batch)
       gradient = jax.lax.pmean(optax.tree.cast(gradient, jnp.float32),
                                sync_axes)
-      epsilon = _perturbation.perturbation(gradient, rho, normalize=normalize)
+      mask = _perturbation.resolve_mask(perturb_mask, params, name)
+      epsilon = _perturbation.perturbation(gradient, rho, normalize=normalize,
+                                           mask=mask)
       local = _perturbation.perturbed_gradient(loss_fn, local_params, epsilon,
                                                batch)
     else:

@@ -127,6 +127,31 @@ def check_local_without_check_vma():
   return actual, expected, {}
 
 
+def _kernels_only(params):
+  return {layer: {"kernel": True, "bias": False} for layer in params}
+
+
+def check_local_perturb_mask_is_m_sam_with_mask():
+  params, batch = _problem(5)
+  actual, _ = _data_parallel(
+      sam_optax.data_parallel_m_sam(RHO, "data", perturb_mask=_kernels_only),
+      params, batch, (8,), ("data",))
+  expected = _on_one_device(
+      _m_sam(BATCH // DEVICES, perturb_mask=_kernels_only), params, batch)
+  return actual, expected, {}
+
+
+def check_synchronized_perturb_mask_is_sam_with_mask():
+  params, batch = _problem(6)
+  actual, _ = _data_parallel(
+      sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=True,
+                                    perturb_mask=_kernels_only(params)),
+      params, batch, (8,), ("data",))
+  expected = _on_one_device(
+      sam_optax.sam(RHO, perturb_mask=_kernels_only(params)), params, batch)
+  return actual, expected, {}
+
+
 def check_synchronized_is_sam():
   params, batch = _problem(4)
   actual, all_reduces = _data_parallel(
@@ -156,6 +181,30 @@ def check_groups_of_4_are_m_sam_8():
       params, batch, (2, 4), ("group", "member"))
   expected = _on_one_device(_m_sam(8), params, batch)
   return actual, expected, {}
+
+
+def check_2d_mesh_needs_every_batch_axis():
+  """Batch sharded over both axes of a ("x", "y") mesh: name both.
+
+  ``axis_name="x"`` alone used to return twice m_sam(4)'s update, silently:
+  the gradient w.r.t. params replicated over "y" was summed over "y". It now
+  raises; ``("x", "y")`` is m_sam with the per-device batch.
+  """
+  params, batch = _problem(11)
+  actual, _ = _data_parallel(
+      sam_optax.data_parallel_m_sam(RHO, ("x", "y")), params, batch, (4, 2),
+      ("x", "y"))
+  expected = _on_one_device(_m_sam(BATCH // DEVICES), params, batch)
+  errors = {}
+  for sync in (False, True):
+    try:
+      _data_parallel(
+          sam_optax.data_parallel_m_sam(RHO, "x", sync_perturbation=sync),
+          params, batch, (4, 2), ("x", "y"))
+      errors[str(sync)] = None
+    except ValueError as error:
+      errors[str(sync)] = str(error)
+  return actual, expected, {"errors": errors}
 
 
 def check_train_steps_with_momentum():
@@ -266,6 +315,15 @@ def test_jit_sharded_m_sam_communicates_once(eight_device_results):
   result = eight_device_results["check_jit_sharded_vmap_is_local"]
   assert result["all_reduces"] == 1
   assert result["all_gathers"] == 0
+
+
+def test_axis_name_must_name_every_batch_axis(eight_device_results):
+  errors = eight_device_results["check_2d_mesh_needs_every_batch_axis"][
+      "errors"]
+  for sync, message in errors.items():
+    assert message is not None, f"sync_perturbation={sync} did not raise"
+    assert "mesh axes ('y',)" in message
+    assert "axis_name=('x', 'y')" in message
 
 
 def test_local_and_synchronized_differ(eight_device_results):
