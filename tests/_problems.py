@@ -43,6 +43,17 @@ def mean_loss(loss_fn, params, batch):
   return jnp.mean(loss_fn(params, batch))
 
 
+def global_norm(tree):
+  """``‖tree‖``, written out: the oracle the library's norms are tested against."""
+  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2)
+                      for x in jax.tree.leaves(tree)))
+
+
+def add(tree, other, scale=1.0):
+  """``tree + scale · other``, leaf by leaf."""
+  return jax.tree.map(lambda a, b: a + scale * b, tree, other)
+
+
 def quadratic_problem(seed, dims=(3, 2), size=6):
   """Per-example quadratics ℓ_i(w) = ½ (w−a_i)ᵀ H (w−a_i) over a two-leaf pytree.
 

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 import sam_optax
-from _problems import mean_loss, mlp_batch, mlp_loss, mlp_params
+from _problems import add, global_norm, mean_loss
+from _problems import mlp_batch, mlp_loss, mlp_params
 
 DELTA = 1e-12
 RHO = 0.1
@@ -40,15 +41,6 @@ TOL = dict(rtol=2e-5, atol=1e-6)
 @functools.partial(jax.jit, static_argnames="loss_fn")
 def grad_mean(params, batch, loss_fn=mlp_loss):
   return jax.grad(mean_loss, argnums=1)(loss_fn, params, batch)
-
-
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2)
-                      for x in jax.tree.leaves(tree)))
-
-
-def add(tree, other, scale=1.0):
-  return jax.tree.map(lambda a, b: a + scale * b, tree, other)
 
 
 def scale(tree, factor):

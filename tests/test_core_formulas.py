@@ -9,7 +9,8 @@ import numpy as np
 import optax
 
 import sam_optax
-from _problems import mean_loss, mlp_batch, mlp_loss, mlp_params
+from _problems import add, global_norm, mean_loss
+from _problems import mlp_batch, mlp_loss, mlp_params
 
 DELTA = 1e-12
 RHO = 0.1
@@ -17,15 +18,6 @@ RHO = 0.1
 
 def grad_mean(params, batch):
   return jax.grad(mean_loss, argnums=1)(mlp_loss, params, batch)
-
-
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2)
-                      for x in jax.tree.leaves(tree)))
-
-
-def add(tree, other, scale=1.0):
-  return jax.tree.map(lambda a, b: a + scale * b, tree, other)
 
 
 # Each reference: (params, batch, ascent_batch) -> the gradient handed on.

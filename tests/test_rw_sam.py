@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import sam_optax
-from _problems import mean_loss, mlp_batch, mlp_loss, mlp_params
+from _problems import global_norm, mean_loss, mlp_batch, mlp_loss, mlp_params
 
 RHO = 0.1
 DELTA = 1e-12
@@ -19,11 +19,6 @@ DELTA = 1e-12
 
 def grad_mean(params, batch):
   return jax.grad(mean_loss, argnums=1)(mlp_loss, params, batch)
-
-
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32)**2)
-                      for x in jax.tree.leaves(tree)))
 
 
 def sam_step_along(direction, params, batch, rho=RHO):
