@@ -12,25 +12,18 @@ first in an ``optax.chain``::
 from sam_optax._asam import adaptive_scale
 from sam_optax._asam import asam
 from sam_optax._asam import not_bias_mask
+from sam_optax._calibration import calibrate_sigma
+from sam_optax._calibration import SigmaCalibration
 from sam_optax._contract import LossFn
 from sam_optax._data_parallel import data_parallel_m_sam
 from sam_optax._f_sam import f_sam
 from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
-from sam_optax._gradient_norms import calibrate_sigma
-from sam_optax._gradient_norms import directional_derivative_estimate
 from sam_optax._gradient_norms import finite_difference_gradient_norms
 from sam_optax._gradient_norms import per_example_gradient_norms
-from sam_optax._gradient_norms import rademacher_like
-from sam_optax._gradient_norms import SigmaCalibration
 from sam_optax._m_sam import m_sam
-from sam_optax._m_sam import m_sam_reference
 from sam_optax._n_sam import ascent_set_ascent
 from sam_optax._n_sam import n_sam
-from sam_optax._perturbation import global_norm
-from sam_optax._perturbation import NORM_EPS
-from sam_optax._perturbation import perturbation
-from sam_optax._perturbation import perturbed_gradient
 from sam_optax._rw_sam import gibbs_weights
 from sam_optax._rw_sam import ReweightedAscentState
 from sam_optax._rw_sam import reweighted_ascent
@@ -42,14 +35,20 @@ from sam_optax._sam import usam
 from sam_optax._transform import AscentDirection
 from sam_optax._transform import sharpness_aware
 from sam_optax import diagnostics
+from sam_optax import reference
 
 __version__ = "0.1.0"
 
+# What users call. The transforms; the pieces a new variant is built from
+# (AscentDirection, sharpness_aware, each variant's ascent direction and
+# state, ASAM's scale and mask); RW-SAM's per-example gradient norms, their
+# σ calibration and weights, to check and tune it; and two submodules:
+# diagnostics (sharpness and gradient noise) and reference (the definitions
+# the fast forms are tested against).
 __all__ = (
     "AscentDirection",
     "FriendlyAscentState",
     "LossFn",
-    "NORM_EPS",
     "ReweightedAscentState",
     "SigmaCalibration",
     "adaptive_scale",
@@ -59,20 +58,15 @@ __all__ = (
     "clean_gradient_ascent",
     "data_parallel_m_sam",
     "diagnostics",
-    "directional_derivative_estimate",
     "f_sam",
     "finite_difference_gradient_norms",
     "friendly_ascent",
     "gibbs_weights",
-    "global_norm",
     "m_sam",
-    "m_sam_reference",
     "n_sam",
     "not_bias_mask",
     "per_example_gradient_norms",
-    "perturbation",
-    "perturbed_gradient",
-    "rademacher_like",
+    "reference",
     "reweighted_ascent",
     "rw_asam",
     "rw_sam",

@@ -36,46 +36,41 @@ import optax
 
 from sam_optax import _contract
 from sam_optax import _m_sam
+from sam_optax import _micro_batches
 from sam_optax import _perturbation
 from sam_optax import _sam
-
-AxisName = Hashable | tuple[Hashable, ...]
-"""A mesh axis name, or a tuple of them."""
-
-
-def _as_axes(axis_name: AxisName) -> tuple[Hashable, ...]:
-  return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+from sam_optax import _sharding
+from sam_optax import _transform
 
 
-def _varying_axes(x: Any) -> frozenset[Hashable]:
-  """The manual mesh axes along which ``x`` may differ between devices."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # earlier versions
+def synced_gradient_ascent(
+    sync_axes: tuple[Hashable, ...]
+) -> _transform.AscentDirection:
+  """``d = mean over sync_axes of g_{B_d}``: the ascent gradient all-reduced.
 
-
-def _local_copy(tree: Any, axes: tuple[Hashable, ...]) -> Any:
-  """Marks ``tree`` as varying over ``axes``, so gradients w.r.t. it stay local.
-
-  Inside ``jax.shard_map`` (with ``check_vma=True``, the default) the gradient
-  with respect to a replicated value is summed over the devices, because the
-  transpose of the implicit broadcast is a ``psum``. Differentiating with
-  respect to a copy cast to "varying" (``jax.lax.pcast``) keeps each device's
-  own gradient. A no-op where ``tree`` already varies or without
-  ``check_vma``.
+  Each device's clean gradient on its own shard, averaged (in float32) over
+  the devices along ``sync_axes``: the gradient of the union of their shards.
+  Runs inside ``jax.shard_map``; ``updates`` is not used.
   """
 
-  def leaf(x: jax.Array) -> jax.Array:
-    missing = tuple(a for a in axes if a not in _varying_axes(x))
-    if not missing:
-      return x
-    if hasattr(jax.lax, "pcast"):
-      return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # jax < 0.8
+  def direction(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params,
+      *,
+      loss_fn: _contract.LossFn,
+      batch: Any,
+      key: jax.Array | None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    del updates, key, extra_args  # the local gradient is taken here
+    gradient = _contract.mean_gradient(loss_fn, params, batch)
+    return (jax.lax.pmean(optax.tree.cast(gradient, jnp.float32), sync_axes),
+            state)
 
-  return jax.tree.map(leaf, tree)
+  return _transform.AscentDirection(
+      init=lambda params: optax.EmptyState(), direction=direction
+  )
 
 
 def _check_bound(axes: tuple[Hashable, ...], name: str) -> None:
@@ -108,8 +103,8 @@ def _check_batch_axes(
   evaluated (``jax.eval_shape``).
   """
   losses = jax.eval_shape(loss_fn, params, batch)
-  varying = _varying_axes(losses).union(
-      *map(_varying_axes, jax.tree.leaves(batch)))
+  varying = _sharding.varying_axes(losses).union(
+      *map(_sharding.varying_axes, jax.tree.leaves(batch)))
   missing = varying - set(axes)
   if not missing:
     return
@@ -129,12 +124,12 @@ def _check_batch_axes(
 
 def data_parallel_m_sam(
     rho: ArrayLike,
-    axis_name: AxisName,
+    axis_name: _sharding.AxisName,
     *,
     normalize: bool = True,
-    sync_perturbation: bool | AxisName = False,
+    sync_perturbation: bool | _sharding.AxisName = False,
     micro_batch_size: int | None = None,
-    implementation: _m_sam.Implementation = "auto",
+    implementation: _micro_batches.Implementation = "auto",
     micro_batches_per_chunk: int | None = None,
     perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -240,13 +235,13 @@ def data_parallel_m_sam(
   """
   name = "data_parallel_m_sam"
   _contract.check_rho(rho, name)
-  axes = _as_axes(axis_name)
+  axes = _sharding.as_axes(axis_name)
   if sync_perturbation is False:
     sync_axes = ()
   elif sync_perturbation is True:
     sync_axes = axes
   else:
-    sync_axes = _as_axes(sync_perturbation)
+    sync_axes = _sharding.as_axes(sync_perturbation)
     outside = [a for a in sync_axes if a not in axes]
     if outside:
       raise ValueError(
@@ -259,7 +254,11 @@ def data_parallel_m_sam(
         f"{name}: micro_batch_size splits each device's shard for a local"
         " perturbation; it cannot be combined with sync_perturbation."
     )
-  if micro_batch_size is not None:
+  if sync_axes:
+    local_step = _transform.sharpness_aware(
+        synced_gradient_ascent(sync_axes), rho, normalize=normalize,
+        perturb_mask=perturb_mask, name=name)
+  elif micro_batch_size is not None:
     local_step = _m_sam.m_sam(
         rho, micro_batch_size, normalize=normalize,
         implementation=implementation,
@@ -270,38 +269,12 @@ def data_parallel_m_sam(
     local_step = (_sam.sam if normalize else _sam.usam)(
         rho, perturb_mask=perturb_mask)
 
-  def update_fn(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, optax.OptState]:
-    del updates, key, extra_args  # the ascent needs the local gradient
-    params, loss_fn, batch = _contract.require_arguments(
-        params, loss_fn, batch, name)
+  def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
     _check_bound(axes, name)
-    _contract.check_per_example_losses(loss_fn, params, batch, name)
     _check_batch_axes(loss_fn, params, batch, axes, name)
-    local_params = _local_copy(params, axes)
-    if sync_axes:
-      gradient = _contract.mean_gradient(loss_fn, local_params, batch)
-      gradient = jax.lax.pmean(optax.tree.cast(gradient, jnp.float32),
-                               sync_axes)
-      mask = _perturbation.resolve_mask(perturb_mask, params, name)
-      epsilon = _perturbation.perturbation(gradient, rho, normalize=normalize,
-                                           mask=mask)
-      local = _perturbation.perturbed_gradient(loss_fn, local_params, epsilon,
-                                               batch)
-    else:
-      local, _ = local_step.update(None, optax.EmptyState(), local_params,
-                                   loss_fn=loss_fn, batch=batch)
-    mean = jax.lax.pmean(optax.tree.cast(local, jnp.float32), axes)
-    return optax.tree.cast_like(mean, params), state
+    local, _ = local_step.update(
+        None, optax.EmptyState(), _sharding.local_copy(params, axes),
+        loss_fn=loss_fn, batch=batch)
+    return jax.lax.pmean(optax.tree.cast(local, jnp.float32), axes)
 
-  return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn
-  )
+  return _transform.from_gradient_fn(gradient_fn, name)

@@ -26,7 +26,7 @@ class FriendlyAscentState(NamedTuple):
 
 def friendly_ascent(
     sigma: ArrayLike = 1.0,
-    lmbda: ArrayLike = 0.6,
+    ema_decay: ArrayLike = 0.6,
     momentum_in_direction: Literal["previous", "current"] = "previous",
 ) -> _transform.AscentDirection:
   """F-SAM's ascent direction: the clean gradient minus its EMA.
@@ -43,12 +43,12 @@ def friendly_ascent(
         f" {momentum_in_direction!r}."
     )
   _contract.check_number(sigma, "sigma", "f_sam", minimum=0)
-  _contract.check_number(lmbda, "lmbda", "f_sam", minimum=0, below=1)
+  _contract.check_number(ema_decay, "ema_decay", "f_sam", minimum=0, below=1)
   # float32 from the start, so that a Python float and the float32 array
   # optax.inject_hyperparams passes give the same arithmetic (1 − λ in
   # float64 then rounded differs from 1 − λ in float32 by an ulp).
   sigma = jnp.asarray(sigma, jnp.float32)
-  lmbda = jnp.asarray(lmbda, jnp.float32)
+  ema_decay = jnp.asarray(ema_decay, jnp.float32)
 
   def init(params: optax.Params) -> FriendlyAscentState:
     return FriendlyAscentState(
@@ -69,7 +69,7 @@ def friendly_ascent(
     gradient = _transform.clean_gradient_or_compute(
         updates, params, loss_fn, batch
     )
-    ema = optax.tree.update_moment(gradient, state.momentum, lmbda, 1)
+    ema = optax.tree.update_moment(gradient, state.momentum, ema_decay, 1)
     if momentum_in_direction == "current":
       momentum = ema
       ascent = optax.tree.add_scale(gradient, -sigma, momentum)
@@ -92,7 +92,7 @@ def friendly_ascent(
 def f_sam(
     rho: ArrayLike = 0.05,
     sigma: ArrayLike = 1.0,
-    lmbda: ArrayLike = 0.6,
+    ema_decay: ArrayLike = 0.6,
     *,
     momentum_in_direction: Literal["previous", "current"] = "previous",
     perturb_mask: _perturbation.PerturbMask = None,
@@ -113,7 +113,7 @@ def f_sam(
     rho: the perturbation radius ``ρ >= 0``.
     sigma: ``σ >= 0``, how much of the EMA (the full-gradient estimate) to
       remove.
-    lmbda: ``λ ∈ [0, 1)``, the EMA's decay.
+    ema_decay: ``λ ∈ [0, 1)``, the EMA's decay.
     momentum_in_direction: ``"previous"`` (official code) or ``"current"``
       (paper).
     perturb_mask: which leaves to perturb; see :func:`sam`. The EMA covers
@@ -131,6 +131,6 @@ def f_sam(
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
   return _transform.sharpness_aware(
-      friendly_ascent(sigma, lmbda, momentum_in_direction), rho,
+      friendly_ascent(sigma, ema_decay, momentum_in_direction), rho,
       normalize=True, perturb_mask=perturb_mask, name="f_sam",
   )

@@ -114,7 +114,7 @@ def reweighted_ascent(
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
-    microbatch_size: int | None = None,
+    chunk_size: int | None = None,
     name: str = "rw_sam",
 ) -> _transform.AscentDirection:
   """RW-SAM's ascent direction ``g_p = ∇ Σ_i p_i ℓ_i(w)``, ``p = softmax(ŝ/λ)``.
@@ -148,9 +148,8 @@ def reweighted_ascent(
   num_probes = 1 if num_probes is None else num_probes
   num_probes = _gradient_norms.check_probe_options(
       sigma, num_probes, difference, name)
-  if microbatch_size is not None:
-    microbatch_size = _contract.check_integer(
-        microbatch_size, "microbatch_size", name)
+  chunk_size = _contract.check_integer(chunk_size, "chunk_size", name,
+                                      optional=True)
 
   def init(params: optax.Params) -> ReweightedAscentState:
     del params
@@ -178,7 +177,7 @@ def reweighted_ascent(
     losses, pullback = jax.vjp(lambda p: loss_fn(p, batch), params)
     if gradient_norms == "exact":
       norms = _gradient_norms.per_example_gradient_norms(
-          loss_fn, params, batch, microbatch_size=microbatch_size)
+          loss_fn, params, batch, chunk_size=chunk_size)
     else:
       norms = _gradient_norms.finite_difference_gradient_norms(
           loss_fn, params, batch, key, sigma=sigma, num_probes=num_probes,
@@ -201,7 +200,7 @@ def rw_sam(
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
-    microbatch_size: int | None = None,
+    chunk_size: int | None = None,
     perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted SAM (RW-SAM).
@@ -255,7 +254,8 @@ def rw_sam(
       promoted to float32, where ``w + σv`` does not round back to ``w``
       (this costs one more float32 forward for its baseline ``ℓ(w)``);
       float32 parameters are unaffected.
-    microbatch_size: examples per chunk in the exact mode (divides ``B``).
+    chunk_size: examples whose gradients are held at once in the exact mode
+      (divides ``B``); None: all ``B``.
     perturb_mask: which leaves to perturb; see :func:`sam`. The weights ``p``
       come from per-example gradient norms over every leaf.
 
@@ -271,7 +271,7 @@ def rw_sam(
       reweighted_ascent(
           lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
           gradient_norms=gradient_norms, difference=difference,
-          probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
+          probe_in_float32=probe_in_float32, chunk_size=chunk_size,
           name="rw_sam"),
       rho, normalize=True, perturb_mask=perturb_mask, name="rw_sam",
   )
@@ -289,7 +289,7 @@ def rw_asam(
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
-    microbatch_size: int | None = None,
+    chunk_size: int | None = None,
     perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted ASAM: RW-SAM's weighted ascent with ASAM's scale.
@@ -315,7 +315,7 @@ def rw_asam(
     gradient_norms: see :func:`rw_sam`.
     difference: see :func:`rw_sam`.
     probe_in_float32: see :func:`rw_sam`.
-    microbatch_size: see :func:`rw_sam`.
+    chunk_size: see :func:`rw_sam`.
     perturb_mask: see :func:`rw_sam`.
 
   Returns:
@@ -331,7 +331,7 @@ def rw_asam(
       reweighted_ascent(
           lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
           gradient_norms=gradient_norms, difference=difference,
-          probe_in_float32=probe_in_float32, microbatch_size=microbatch_size,
+          probe_in_float32=probe_in_float32, chunk_size=chunk_size,
           name="rw_asam"),
       rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, scale_mask),
       perturb_mask=perturb_mask, name="rw_asam",

@@ -2,8 +2,10 @@
 
 A variant of SAM is an :class:`AscentDirection` (how ``d`` is chosen, with any
 state it keeps) plus the options of :func:`sharpness_aware` (normalized or not,
-ASAM's elementwise scale or not). ``sam``, ``usam``, ``n_sam``, ``asam`` and
-``f_sam`` are such pairs; new variants are small additions, not copies.
+ASAM's elementwise scale or not). ``sam``, ``usam``, ``n_sam``, ``asam``,
+``f_sam``, ``rw_sam`` and ``rw_asam`` are such pairs; new variants are small
+additions, not copies. Variants that average several SAM steps (``m_sam`` and
+its data-parallel form) are :func:`from_gradient_fn` around them.
 """
 
 from collections.abc import Callable
@@ -135,3 +137,46 @@ def sharpness_aware(
     )
 
   return optax.GradientTransformationExtraArgs(ascent.init, update_fn)
+
+
+GradientFn = Callable[[_contract.LossFn, optax.Params, Any], optax.Updates]
+"""``(loss_fn, params, batch) -> the gradient to hand on``."""
+
+
+def from_gradient_fn(
+    gradient_fn: GradientFn, name: str
+) -> optax.GradientTransformationExtraArgs:
+  """A stateless transform that returns ``gradient_fn(loss_fn, params, batch)``.
+
+  The skeleton of the variants that take every gradient they need themselves
+  (one per micro-batch or device, so the incoming ``updates`` are not used and
+  may be None): the calling contract is checked, and the result is cast to
+  the parameters' dtypes.
+
+  Args:
+    gradient_fn: computes the gradient to hand on.
+    name: the name used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
+  """
+
+  def update_fn(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    del updates, key, extra_args  # gradient_fn takes its own gradients
+    params, loss_fn, batch = _contract.require_arguments(
+        params, loss_fn, batch, name)
+    _contract.check_per_example_losses(loss_fn, params, batch, name)
+    gradient = gradient_fn(loss_fn, params, batch)
+    return optax.tree.cast_like(gradient, params), state
+
+  return optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(), update_fn)

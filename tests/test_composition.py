@@ -639,9 +639,9 @@ class StaticArgsTest(parameterized.TestCase):
        "static_args=\\('micro_batch_size',\\)"),
       ("rw_sam_num_probes", sam_optax.rw_sam, {"num_probes": 2},
        "num_probes", ValueError, "static_args=\\('num_probes',\\)"),
-      ("rw_sam_microbatch_size", sam_optax.rw_sam,
-       {"gradient_norms": "exact", "microbatch_size": 4}, "microbatch_size",
-       ValueError, "static_args=\\('microbatch_size',\\)"),
+      ("rw_sam_chunk_size", sam_optax.rw_sam,
+       {"gradient_norms": "exact", "chunk_size": 4}, "chunk_size",
+       ValueError, "static_args=\\('chunk_size',\\)"),
       # Taken for a schedule, a function is called with the step count: what
       # fails then depends on the function.
       ("sam_callable_perturb_mask", sam_optax.sam,

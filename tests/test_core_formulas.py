@@ -57,7 +57,7 @@ TRANSFORMS = {
     "n_sam": (lambda: sam_optax.n_sam(RHO), n_sam_formula),
     "asam": (lambda: sam_optax.asam(RHO, eta=0.01), asam_formula),
     # F-SAM's first step is plain SAM (official code); later steps below.
-    "f_sam": (lambda: sam_optax.f_sam(RHO, sigma=0.7, lmbda=0.6), sam_formula),
+    "f_sam": (lambda: sam_optax.f_sam(RHO, sigma=0.7, ema_decay=0.6), sam_formula),
 }
 
 
@@ -131,10 +131,10 @@ class FriendlySamStepsTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters("previous", "current")
   def test_three_steps(self, convention):
-    sigma, lmbda = 0.8, 0.6
+    sigma, ema_decay = 0.8, 0.6
     params, _, _ = _setup(seed=7)
     batches = [mlp_batch(jax.random.key(10 + t), size=8) for t in range(3)]
-    tx = sam_optax.f_sam(RHO, sigma=sigma, lmbda=lmbda,
+    tx = sam_optax.f_sam(RHO, sigma=sigma, ema_decay=ema_decay,
                          momentum_in_direction=convention)
     step = self.variant(
         lambda g, s, p, b: tx.update(g, s, p, loss_fn=mlp_loss, batch=b))
@@ -147,10 +147,10 @@ class FriendlySamStepsTest(chex.TestCase):
           direction, momentum = g, g
         else:
           direction = add(g, momentum, -sigma)
-          momentum = jax.tree.map(lambda m, x: lmbda * m + (1 - lmbda) * x,
+          momentum = jax.tree.map(lambda m, x: ema_decay * m + (1 - ema_decay) * x,
                                   momentum, g)
       else:
-        momentum = jax.tree.map(lambda m, x: lmbda * m + (1 - lmbda) * x,
+        momentum = jax.tree.map(lambda m, x: ema_decay * m + (1 - ema_decay) * x,
                                 momentum, g)
         direction = add(g, momentum, -sigma)
       eps = jax.tree.map(lambda d: RHO * d / (global_norm(direction) + DELTA),

@@ -103,7 +103,7 @@ def test_usam_on_a_quadratic_is_g_plus_rho_h_g(seed, rho):
                   convention=st.sampled_from(["previous", "current"]))
 def test_f_sam_without_sigma_is_sam(seed, rho, convention):
   params, _ = mlp_setup(seed)
-  f_sam = sam_optax.f_sam(rho, sigma=0.0, lmbda=0.6,
+  f_sam = sam_optax.f_sam(rho, sigma=0.0, ema_decay=0.6,
                           momentum_in_direction=convention)
   sam = sam_optax.sam(rho)
   state = f_sam.init(params)

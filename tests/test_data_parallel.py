@@ -21,7 +21,6 @@ import pytest
 
 import jax
 import jax.flatten_util
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
@@ -250,7 +249,7 @@ def check_jit_sharded_vmap_is_local():
   with jax.set_mesh(mesh):
     actual = step(params, sharded)
     hlo = step.lower(params, sharded).compile().as_text()
-  expected = _on_one_device(sam_optax.m_sam_reference(RHO, BATCH // DEVICES),
+  expected = _on_one_device(sam_optax.reference.m_sam(RHO, BATCH // DEVICES),
                             params, batch)
   count = lambda op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
   return actual, expected, {"all_reduces": count("all-reduce"),

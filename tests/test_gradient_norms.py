@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import sam_optax
+from sam_optax import _gradient_norms
+from sam_optax import _per_example
 from _problems import flatten, mlp_batch, mlp_loss, mlp_params
 
 
@@ -32,16 +34,16 @@ def _setup(seed=0, size=8):
 
 def test_rademacher_like_gives_independent_signs():
   params, _ = _setup()
-  probe = sam_optax.rademacher_like(jax.random.key(0), params)
+  probe = _per_example.rademacher_like(jax.random.key(0), params)
   chex.assert_trees_all_equal_shapes(probe, params)
   values = np.asarray(flatten(probe))
   assert values.dtype == np.float32
   np.testing.assert_array_equal(np.abs(values), 1.0)
   # Both signs occur, in about equal numbers (66 entries: |mean| < 4/sqrt(66)).
   assert abs(values.mean()) < 0.5
-  again = sam_optax.rademacher_like(jax.random.key(0), params)
+  again = _per_example.rademacher_like(jax.random.key(0), params)
   chex.assert_trees_all_equal(probe, again)
-  other = flatten(sam_optax.rademacher_like(jax.random.key(1), params))
+  other = flatten(_per_example.rademacher_like(jax.random.key(1), params))
   assert np.any(np.asarray(other) != values)
 
 
@@ -62,11 +64,11 @@ class ExactNormsTest(chex.TestCase):
     params, batch = _setup(seed=2)
     full = sam_optax.per_example_gradient_norms(mlp_loss, params, batch)
     chunked = sam_optax.per_example_gradient_norms(
-        mlp_loss, params, batch, microbatch_size=2)
+        mlp_loss, params, batch, chunk_size=2)
     np.testing.assert_allclose(chunked, full, rtol=1e-6)
-    with pytest.raises(ValueError, match="microbatch_size"):
+    with pytest.raises(ValueError, match="chunk_size"):
       sam_optax.per_example_gradient_norms(
-          mlp_loss, params, batch, microbatch_size=3)
+          mlp_loss, params, batch, chunk_size=3)
 
 
 def test_estimator_matches_exact_squared_norms_over_many_probes():
@@ -90,7 +92,7 @@ def test_estimator_matches_exact_squared_norms_over_many_probes():
       2 * (squared**2 - np.sum(gradients**4, axis=1)) / num_probes)
 
   one_probe = jax.jit(jax.vmap(
-      lambda key: sam_optax.directional_derivative_estimate(
+      lambda key: _gradient_norms.directional_derivative_estimate(
           mlp_loss, params, batch, key, sigma)))
   estimates = one_probe(jax.random.split(jax.random.key(0), num_probes))
   mean_square = np.mean(np.asarray(estimates, np.float64)**2, axis=0)
@@ -107,7 +109,7 @@ def test_norms_are_the_root_mean_square_over_probes():
   norms = sam_optax.finite_difference_gradient_norms(
       mlp_loss, params, batch, key, sigma=1e-3, num_probes=3)
   per_probe = jnp.stack([
-      sam_optax.directional_derivative_estimate(
+      _gradient_norms.directional_derivative_estimate(
           mlp_loss, params, batch, k, 1e-3)
       for k in jax.random.split(key, 3)
   ])
@@ -130,7 +132,7 @@ def test_error_shrinks_with_sigma():
   keys = jax.random.split(jax.random.key(1), 32)
   gradients = per_example_gradients(params, batch)
   exact = np.stack([
-      gradients @ np.asarray(flatten(sam_optax.rademacher_like(k, params)))
+      gradients @ np.asarray(flatten(_per_example.rademacher_like(k, params)))
       for k in keys
   ])  # [K, B]: v_k·g_i
   target = np.mean(exact**2, axis=0)
@@ -149,9 +151,9 @@ def test_central_difference_is_more_accurate():
   key = jax.random.key(2)
   gradients = per_example_gradients(params, batch)
   exact = gradients @ np.asarray(
-      flatten(sam_optax.rademacher_like(key, params)))
+      flatten(_per_example.rademacher_like(key, params)))
   forward, central = (
-      sam_optax.directional_derivative_estimate(
+      _gradient_norms.directional_derivative_estimate(
           mlp_loss, params, batch, key, 0.1, difference=difference)
       for difference in ("forward", "central"))
   forward_error = np.max(np.abs(forward - exact))

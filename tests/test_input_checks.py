@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import sam_optax
+from sam_optax import _perturbation
 from _problems import mlp_batch, mlp_loss, mlp_params
 
 RHO = 0.1
@@ -32,7 +33,7 @@ TRANSFORMS = {
     "rw_sam": sam_optax.rw_sam,
     "rw_asam": sam_optax.rw_asam,
     "m_sam": functools.partial(sam_optax.m_sam, micro_batch_size=2),
-    "m_sam_reference": functools.partial(sam_optax.m_sam_reference,
+    "reference.m_sam": functools.partial(sam_optax.reference.m_sam,
                                          micro_batch_size=2),
     "data_parallel_m_sam": functools.partial(sam_optax.data_parallel_m_sam,
                                              axis_name="data"),
@@ -73,14 +74,14 @@ def test_bad_real_hyperparameters(make, argument, value):
     make(value)
 
 
-@pytest.mark.parametrize("lmbda", [-0.1, 1.0, 1.5, jnp.inf, None])
-def test_f_sam_ema_decay_in_unit_interval(lmbda):
-  with pytest.raises(ValueError, match="lmbda must be"):
-    sam_optax.f_sam(RHO, lmbda=lmbda)
+@pytest.mark.parametrize("ema_decay", [-0.1, 1.0, 1.5, jnp.inf, None])
+def test_f_sam_ema_decay_in_unit_interval(ema_decay):
+  with pytest.raises(ValueError, match="ema_decay must be"):
+    sam_optax.f_sam(RHO, ema_decay=ema_decay)
 
 
 def test_allowed_edge_values():
-  sam_optax.f_sam(RHO, sigma=0.0, lmbda=0.0)
+  sam_optax.f_sam(RHO, sigma=0.0, ema_decay=0.0)
   sam_optax.asam(RHO, eta=0.0)
   sam_optax.rw_sam(RHO, lam=jnp.inf)
   sam_optax.sam(np.float32(0.0))
@@ -94,11 +95,11 @@ def test_numpy_integers_are_ints():
   pairs = [
       (sam_optax.m_sam(RHO, two, micro_batches_per_chunk=np.int32(4)),
        sam_optax.m_sam(RHO, 2, micro_batches_per_chunk=4)),
-      (sam_optax.m_sam_reference(RHO, two), sam_optax.m_sam_reference(RHO, 2)),
+      (sam_optax.reference.m_sam(RHO, two), sam_optax.reference.m_sam(RHO, 2)),
       (sam_optax.rw_sam(RHO, num_probes=two, gradient_norms="exact",
-                        microbatch_size=np.int16(4)),
+                        chunk_size=np.int16(4)),
        sam_optax.rw_sam(RHO, num_probes=2, gradient_norms="exact",
-                        microbatch_size=4)),
+                        chunk_size=4)),
   ]
   for with_numpy, with_python in pairs:
     jax.tree.map(np.testing.assert_array_equal,
@@ -106,7 +107,7 @@ def test_numpy_integers_are_ints():
                  _update(with_python, params, batch))
   sam_optax.data_parallel_m_sam(RHO, "data", micro_batch_size=two)
   norms = sam_optax.per_example_gradient_norms(mlp_loss, params, batch,
-                                               microbatch_size=two)
+                                               chunk_size=two)
   assert norms.shape == (8,)
   assert sam_optax.diagnostics.micro_batch_coefficient(
       np.int64(2), 8) == sam_optax.diagnostics.micro_batch_coefficient(2, 8)
@@ -193,13 +194,13 @@ class ScaleTest(parameterized.TestCase):
     for magnitude in (1e-30, 1.0, 1e19, 1e30, 3e38):
       direction = {"a": jnp.full((3,), magnitude, jnp.float32),
                    "b": jnp.asarray([-magnitude, 0.0], jnp.float32)}
-      epsilon = sam_optax.perturbation(direction, RHO)
-      norm = float(sam_optax.global_norm(epsilon))
+      epsilon = _perturbation.perturbation(direction, RHO)
+      norm = float(_perturbation.global_norm(epsilon))
       if magnitude >= 1e-10:  # tiny ones are damped by δ, as the formula says
         np.testing.assert_allclose(norm, RHO, rtol=1e-6)
       if magnitude < 1e38:  # 2 · 3e38 is beyond float32
         np.testing.assert_allclose(
-            float(sam_optax.global_norm(direction)), 2 * magnitude, rtol=1e-6)
+            float(_perturbation.global_norm(direction)), 2 * magnitude, rtol=1e-6)
 
   def test_zero_gradient_gives_no_nan(self):
     params = mlp_params(jax.random.key(0))

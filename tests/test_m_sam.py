@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 import sam_optax
-from sam_optax import _m_sam
+from sam_optax import _micro_batches
 from _problems import flatten, mean_loss, mlp_batch, mlp_loss, mlp_params
 
 RHO = 0.1
@@ -56,7 +56,7 @@ class MSamTest(chex.TestCase):
   def test_reference_is_the_formula(self, micro_batch_size):
     params, batch = _setup(seed=micro_batch_size)
     for normalize in (True, False):
-      tx = sam_optax.m_sam_reference(RHO, micro_batch_size,
+      tx = sam_optax.reference.m_sam(RHO, micro_batch_size,
                                      normalize=normalize)
       actual = self.variant(lambda p, b: _update(tx, p, b))(params, batch)
       chex.assert_trees_all_close(
@@ -65,7 +65,7 @@ class MSamTest(chex.TestCase):
 
   def _check_formulations(self, micro_batch_size, jit, formulations):
     params, batch = _setup(seed=10 + micro_batch_size)
-    expected = _update(sam_optax.m_sam_reference(RHO, micro_batch_size),
+    expected = _update(sam_optax.reference.m_sam(RHO, micro_batch_size),
                        params, batch)
     count = BATCH // micro_batch_size
     for implementation, per_chunk in formulations:
@@ -202,8 +202,8 @@ class MSamTest(chex.TestCase):
       np.testing.assert_array_equal(flatten(updates), 0.0)
 
   def test_auto_picks_by_backend_and_count(self):
-    resolve = _m_sam.resolve_implementation
-    limit = _m_sam.MAX_UNROLLED_MICRO_BATCHES
+    resolve = _micro_batches.resolve_implementation
+    limit = _micro_batches.MAX_UNROLLED_MICRO_BATCHES
     few = {"x": jnp.zeros((limit, 2, 3))}
     many = {"x": jnp.zeros((limit + 1, 2, 3))}
     on_cpu = jax.default_backend() == "cpu"
@@ -265,7 +265,7 @@ def test_random_shapes_match_the_reference(log_size, log_m, implementation,
   batch = mlp_batch(jax.random.key(seed + 1), size=size, in_dim=3, out_dim=2)
   tx = sam_optax.m_sam(RHO, micro_batch_size, normalize=normalize,
                        implementation=implementation)
-  reference = sam_optax.m_sam_reference(RHO, micro_batch_size,
+  reference = sam_optax.reference.m_sam(RHO, micro_batch_size,
                                         normalize=normalize)
   np.testing.assert_allclose(
       flatten(jax.jit(lambda p, b: _update(tx, p, b))(params, batch)),

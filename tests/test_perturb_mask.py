@@ -106,8 +106,8 @@ VARIANTS = {
     "f_sam": (sam_optax.f_sam, sam_formula),
     "m_sam": (functools.partial(sam_optax.m_sam, micro_batch_size=2),
               m_sam_formula),
-    "m_sam_reference": (
-        functools.partial(sam_optax.m_sam_reference, micro_batch_size=2),
+    "reference.m_sam": (
+        functools.partial(sam_optax.reference.m_sam, micro_batch_size=2),
         m_sam_formula),
     "rw_sam": (functools.partial(sam_optax.rw_sam, gradient_norms="exact"),
                rw_sam_formula),

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import sam_optax
+from sam_optax import _per_example
 from _problems import global_norm, mean_loss, mlp_batch, mlp_loss, mlp_params
 
 RHO = 0.1
@@ -295,7 +296,7 @@ def test_cost_is_sam_plus_one_forward():
     return fn
 
   forward = _flops(lambda p: mlp_loss(p, batch), params)
-  probe = _flops(lambda k: sam_optax.rademacher_like(k, params), key)
+  probe = _flops(lambda k: _per_example.rademacher_like(k, params), key)
   sam = _flops(step(sam_optax.sam(RHO), True), params, key)
   rw = _flops(step(sam_optax.rw_sam(RHO), True), params, key)
   rw_without_gradient = _flops(step(sam_optax.rw_sam(RHO), False), params,

@@ -29,10 +29,10 @@ VARIANTS = {
     "usam": (sam_optax.usam, {}, ()),
     "n_sam": (sam_optax.n_sam, {}, ()),
     "asam": (sam_optax.asam, {"eta": 0.02}, ()),
-    "f_sam": (sam_optax.f_sam, {"sigma": 0.7, "lmbda": 0.6}, ()),
+    "f_sam": (sam_optax.f_sam, {"sigma": 0.7, "ema_decay": 0.6}, ()),
     "f_sam_current": (
         functools.partial(sam_optax.f_sam, momentum_in_direction="current"),
-        {"sigma": 0.7, "lmbda": 0.6}, ()),
+        {"sigma": 0.7, "ema_decay": 0.6}, ()),
     "rw_sam": (sam_optax.rw_sam, {"lam": 0.5}, ()),
     "rw_sam_two_probes": (sam_optax.rw_sam, {"lam": 0.5, "num_probes": 2},
                           ("num_probes",)),
@@ -104,13 +104,13 @@ def test_changing_schedule_uses_rho_t_at_step_t():
   """A linear schedule equals a fixed-rho F-SAM built anew at each step."""
   schedule = optax.linear_schedule(0.0, 0.2, NUM_STEPS)
   injected = optax.inject_hyperparams(sam_optax.f_sam)(rho=schedule,
-                                                      sigma=0.7, lmbda=0.6)
+                                                      sigma=0.7, ema_decay=0.6)
   params = mlp_params(jax.random.key(0))
   state = injected.init(params)
   reference_state = state.inner_state
   for t, batch in enumerate(_batches()):
     grads = jax.grad(lambda p, b=batch: jnp.mean(mlp_loss(p, b)))(params)
-    fixed = sam_optax.f_sam(float(schedule(t)), sigma=0.7, lmbda=0.6)
+    fixed = sam_optax.f_sam(float(schedule(t)), sigma=0.7, ema_decay=0.6)
     expected, reference_state = fixed.update(
         grads, reference_state, params, loss_fn=mlp_loss, batch=batch)
     got, state = injected.update(grads, state, params, loss_fn=mlp_loss,

@@ -173,7 +173,7 @@ class MeanNoiseNormTest(parameterized.TestCase):
     for m in sizes:
       sampled = diagnostics.sample_micro_batch_gradients(
           noise_loss, params, data, m, jax.random.key(m), num_samples=512,
-          mean_gradient=gradient_noise.mean_gradient)
+          full_gradient=gradient_noise.mean_gradient)
       norms.append(sampled.noise_norm)
     for smaller, larger in zip(norms, norms[1:]):
       gap = float(smaller.mean - larger.mean)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _contract
-from sam_optax import _gradient_norms
+from sam_optax import _per_example
 from sam_optax.diagnostics import _dataset
 from sam_optax.diagnostics import _estimate
 
@@ -56,7 +56,7 @@ def _chunk_quadratic_forms(
 
 @jax.jit
 def _rademacher_probes(keys: jax.Array, params: Any) -> Any:
-  return jax.vmap(lambda key: _gradient_norms.rademacher_like(key, params))(
+  return jax.vmap(lambda key: _per_example.rademacher_like(key, params))(
       keys)
 
 

@@ -15,7 +15,7 @@ With per-example gradients ``g_i = ∇ℓ_i(w)`` over ``N`` examples and
 mean. m-USAM's implicit regularizer is ``(ρ/2) E_S‖g_S‖²``, so the noise term
 grows as ``m`` shrinks (Thm 3.5).
 
-Per-example gradients see each example as a batch of one (as in
+Per-example gradients see each example as a batch of one (computed by
 ``optax.microbatching.micro_grad``), and are held ``chunk_size`` at a time.
 """
 
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _contract
+from sam_optax import _per_example
 from sam_optax.diagnostics import _dataset
 from sam_optax.diagnostics import _estimate
 
@@ -77,20 +78,6 @@ def mean_gradient(
   chunk_size = _contract.check_integer(
       chunk_size, "chunk_size", name, optional=True, static_hint=False)
   return _dataset_mean_gradient(loss_fn, params, data, chunk_size)
-
-
-def _per_example_gradients(
-    loss_fn: _contract.LossFn, params: Any, chunk: Any
-) -> Any:
-  """``g_i`` for every example of ``chunk``: float32 leaves ``[B, ...]``."""
-
-  def example_loss(p: Any, example: Any) -> jax.Array:
-    batch_of_one = jax.tree.map(lambda x: jnp.expand_dims(x, 0), example)
-    return loss_fn(p, batch_of_one)[0].astype(jnp.float32)
-
-  gradients = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(
-      params, chunk)
-  return optax.tree.cast(gradients, jnp.float32)
 
 
 class GradientNoise(NamedTuple):
@@ -146,8 +133,10 @@ def _chunk_sq_deviations(
     loss_fn: _contract.LossFn, params: Any, chunk: Any, mean: Any
 ) -> jax.Array:
   """``Σ_{i∈chunk} ‖∇ℓ_i(w) − mean‖²``, from per-example gradients."""
-  gradients = _per_example_gradients(loss_fn, params, chunk)
-  return _sq_norm(jax.tree.map(lambda g, m: g - m[None], gradients, mean))
+  sq_deviations = _per_example.map_per_example_gradients(
+      lambda gradient: _sq_norm(optax.tree.sub(gradient, mean)),
+      loss_fn, params, chunk)
+  return jnp.sum(sq_deviations)
 
 
 def _gradient_noise(
@@ -261,7 +250,7 @@ def sample_micro_batch_gradients(
     *,
     num_samples: int = 256,
     chunk_size: int | None = None,
-    mean_gradient: Any = None,
+    full_gradient: Any = None,
 ) -> MicroBatchGradients:
   """Monte Carlo statistics of ``g_S`` over random micro-batches of size ``m``.
 
@@ -281,8 +270,9 @@ def sample_micro_batch_gradients(
     chunk_size: examples processed at once: ``max(1, chunk_size // m)``
       micro-batches at a time; None for all at once. (``data`` itself is
       put on the device whole: the micro-batches are gathered there.)
-    mean_gradient: ``∇L`` if already computed (e.g. by
-      :func:`gradient_noise`), else one more pass over ``data``.
+    full_gradient: ``∇L`` over ``data`` if already computed (e.g.
+      ``gradient_noise(...).mean_gradient``), else one more pass over
+      ``data``.
 
   Returns:
     A :class:`MicroBatchGradients`.
@@ -295,17 +285,17 @@ def sample_micro_batch_gradients(
                                             name)
   num_samples = _contract.check_integer(num_samples, "num_samples", name,
                                        minimum=2, static_hint=False)
-  if mean_gradient is not None:
-    _contract.check_same_structure(mean_gradient, params, "mean_gradient",
+  if full_gradient is not None:
+    _contract.check_same_structure(full_gradient, params, "full_gradient",
                                    name)
   return _sample_micro_batches(loss_fn, params, data, micro_batch_size, key,
-                               num_samples, chunk_size, mean_gradient)
+                               num_samples, chunk_size, full_gradient)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _micro_batch_norms(
     loss_fn: _contract.LossFn, params: Any, data: Any, micro_batch_size: int,
-    keys: jax.Array, mean_gradient: Any,
+    keys: jax.Array, full_gradient: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """``‖g_S‖²`` and ``‖g_S − ∇L‖`` for one random micro-batch per key."""
   size = _dataset.num_examples(data)
@@ -318,7 +308,7 @@ def _micro_batch_norms(
     micro_batch = jax.tree.map(lambda x: x[index], data)
     gradient = _contract.mean_gradient(loss_fn, params, micro_batch)
     noise = optax.tree.sub(optax.tree.cast(gradient, jnp.float32),
-                           mean_gradient)
+                           full_gradient)
     return _sq_norm(gradient), jnp.sqrt(_sq_norm(noise))
 
   return jax.vmap(one_micro_batch)(keys)
@@ -327,11 +317,11 @@ def _micro_batch_norms(
 def _sample_micro_batches(
     loss_fn: _contract.LossFn, params: Any, data: Any, micro_batch_size: int,
     key: jax.Array, num_samples: int, chunk_size: int | None,
-    mean_gradient: Any,
+    full_gradient: Any,
 ) -> MicroBatchGradients:
-  if mean_gradient is None:
-    mean_gradient = _dataset_mean_gradient(loss_fn, params, data, chunk_size)
-  mean_gradient = optax.tree.cast(mean_gradient, jnp.float32)
+  if full_gradient is None:
+    full_gradient = _dataset_mean_gradient(loss_fn, params, data, chunk_size)
+  full_gradient = optax.tree.cast(full_gradient, jnp.float32)
   data = jax.device_put(data)  # micro-batches are gathered on the device
   keys = jax.random.split(key, num_samples)
   group = num_samples if chunk_size is None else max(
@@ -340,7 +330,7 @@ def _sample_micro_batches(
   for start in range(0, num_samples, group):
     sq_norm, noise_norm = _micro_batch_norms(
         loss_fn, params, data, micro_batch_size, keys[start:start + group],
-        mean_gradient)
+        full_gradient)
     sq_norms.append(sq_norm)
     noise_norms.append(noise_norm)
   return MicroBatchGradients(
