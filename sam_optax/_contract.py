@@ -279,3 +279,44 @@ def check_integer(
       f"{transform_name}: {argument} must be {requirement}, got"
       f" {value!r}.{hint}"
   )
+
+
+def check_choice(value: Any, choices: tuple[str, ...], argument: str,
+                 transform_name: str) -> str:
+  """Returns ``value`` if it is one of ``choices``, else raises naming it.
+
+  Raises:
+    ValueError: listing the choices.
+  """
+  if isinstance(value, str) and value in choices:
+    return value
+  raise ValueError(
+      f"{transform_name}: {argument} must be one of"
+      f" {', '.join(map(repr, choices))}; got {value!r}."
+  )
+
+
+def check_divides(value: int, total: int, argument: str, what: str,
+                  transform_name: str, *, why: str = "") -> int:
+  """Returns ``total // value``, or raises if ``value`` does not divide it.
+
+  Args:
+    value: the size of a part (an int already checked by
+      :func:`check_integer`).
+    total: the size to divide.
+    argument: the name of ``value``'s argument, for the message.
+    what: what ``total`` counts ("the batch size", "the number of
+      micro-batches"), for the message.
+    transform_name: the name used in the message.
+    why: why it must divide, for the message (optional).
+
+  Raises:
+    ValueError: listing the divisors of ``total``.
+  """
+  if total % value:
+    divisors = [d for d in range(1, total + 1) if total % d == 0]
+    raise ValueError(
+        f"{transform_name}: {argument}={value} must divide {what} {total}"
+        f"{f' ({why})' if why else ''}; divisors of {total}: {divisors}."
+    )
+  return total // value

@@ -37,11 +37,8 @@ def friendly_ascent(
   ``"current"`` (the paper's formula): ``m_0 = 0``,
   ``m_t = λ m_{t−1} + (1−λ) g_t`` first, then ``d_t = g_t − σ m_t``.
   """
-  if momentum_in_direction not in ("previous", "current"):
-    raise ValueError(
-        "f_sam: momentum_in_direction must be 'previous' or 'current', got"
-        f" {momentum_in_direction!r}."
-    )
+  _contract.check_choice(momentum_in_direction, ("previous", "current"),
+                         "momentum_in_direction", "f_sam")
   _contract.check_number(sigma, "sigma", "f_sam", minimum=0)
   _contract.check_number(ema_decay, "ema_decay", "f_sam", minimum=0, below=1)
   # float32 from the start, so that a Python float and the float32 array

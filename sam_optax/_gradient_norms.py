@@ -84,11 +84,8 @@ def check_probe_options(sigma: ArrayLike, num_probes: int, difference: str,
   Returns ``num_probes`` as a Python int.
   """
   num_probes = _contract.check_integer(num_probes, "num_probes", name)
-  if difference not in ("forward", "central"):
-    raise ValueError(
-        f"{name}: difference must be 'forward' or 'central', got"
-        f" {difference!r}."
-    )
+  _contract.check_choice(difference, ("forward", "central"), "difference",
+                         name)
   _contract.check_number(sigma, "sigma", name, above=0)
   return num_probes
 

@@ -130,7 +130,8 @@ def m_sam(
   _contract.check_rho(rho, name)
   micro_batch_size = _contract.check_integer(
       micro_batch_size, "micro_batch_size", name)
-  _micro_batches.check_implementation(implementation, name)
+  _contract.check_choice(implementation, _micro_batches.IMPLEMENTATIONS,
+                         "implementation", name)
   if micro_batches_per_chunk is not None:
     micro_batches_per_chunk = _contract.check_integer(
         micro_batches_per_chunk, "micro_batches_per_chunk", name)

@@ -37,26 +37,12 @@ MicroBatchStep = Callable[[Any, Any], Any]
 """``(params, micro_batch) -> pytree of float32 arrays`` to average."""
 
 
-def check_implementation(implementation: Any, name: str) -> None:
-  """Raises a clear error unless ``implementation`` is one of the three."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"{name}: implementation must be one of {IMPLEMENTATIONS}, got"
-        f" {implementation!r}."
-    )
-
-
 def num_micro_batches(batch: Any, micro_batch_size: int, name: str) -> int:
   """``k = B / m``, with a clear error if ``m`` does not divide ``B``."""
-  size = _contract.batch_size(batch, name)
-  if size % micro_batch_size:
-    divisors = [d for d in range(1, size + 1) if size % d == 0]
-    raise ValueError(
-        f"{name}: micro_batch_size={micro_batch_size} must divide the batch"
-        f" size {size} (micro-batches are equal, contiguous slices); divisors"
-        f" of {size}: {divisors}."
-    )
-  return size // micro_batch_size
+  return _contract.check_divides(
+      micro_batch_size, _contract.batch_size(batch, name), "micro_batch_size",
+      "the batch size", name,
+      why="micro-batches are equal, contiguous slices")
 
 
 def split_micro_batches(batch: Any, micro_batch_size: int, name: str) -> Any:
@@ -156,11 +142,10 @@ def mean_over_micro_batches(
   count = num_micro_batches(batch, micro_batch_size, name)
   micro_batches = split_micro_batches(batch, micro_batch_size, name)
   per_chunk = micro_batches_per_chunk or count
-  if count % per_chunk:
-    raise ValueError(
-        f"{name}: micro_batches_per_chunk={per_chunk} must divide the"
-        f" number of micro-batches {count} (batch size / micro_batch_size)."
-    )
+  _contract.check_divides(
+      per_chunk, count, "micro_batches_per_chunk",
+      "the number of micro-batches", name,
+      why="batch size / micro_batch_size")
   chunk_mean = functools.partial(
       _mean_of_chunk, step, implementation=implementation, name=name)
   if per_chunk == count:

@@ -69,9 +69,7 @@ def check_chunk_size(chunk_size: Any, size: int, name: str) -> int | None:
   """``chunk_size`` as an int dividing the batch size ``size``, or None."""
   chunk_size = _contract.check_integer(
       chunk_size, "chunk_size", name, optional=True)
-  if chunk_size is not None and size % chunk_size:
-    raise ValueError(
-        f"{name}: chunk_size must divide the batch size {size}, got"
-        f" {chunk_size!r}."
-    )
+  if chunk_size is not None:
+    _contract.check_divides(chunk_size, size, "chunk_size", "the batch size",
+                            name)
   return chunk_size

@@ -22,6 +22,7 @@ from sam_optax import _perturbation
 from sam_optax import _transform
 
 Normalization = Literal["mean", "zscore", "none"]
+NORMALIZATIONS = ("mean", "zscore", "none")
 GradientNorms = Literal["finite_difference", "exact"]
 
 
@@ -55,6 +56,8 @@ def normalize_norms(norms: jax.Array, normalize: Normalization = "mean"
                     ) -> jax.Array:
   """``ŝ`` from ``s``: ``"mean"``: ``s / (mean s + δ)``; ``"zscore"``:
   ``(s − mean s) / (std s + δ)``; ``"none"``: ``s`` (``δ = 1e-12``)."""
+  _contract.check_choice(normalize, NORMALIZATIONS, "normalize",
+                         "normalize_norms")
   norms = norms.astype(jnp.float32)
   if normalize == "none":
     return norms
@@ -65,11 +68,7 @@ def normalize_norms(norms: jax.Array, normalize: Normalization = "mean"
   eps = _perturbation.NORM_EPS / magnitude
   if normalize == "mean":
     return norms / (jnp.mean(norms) + eps)
-  if normalize == "zscore":
-    return (norms - jnp.mean(norms)) / (jnp.std(norms) + eps)
-  raise ValueError(
-      f"normalize must be 'mean', 'zscore' or 'none', got {normalize!r}."
-  )
+  return (norms - jnp.mean(norms)) / (jnp.std(norms) + eps)  # "zscore"
 
 
 def gibbs_weights(norms: jax.Array, lam: ArrayLike,
@@ -132,16 +131,9 @@ def reweighted_ascent(
   ``update``; the exact mode ignores it. See :func:`rw_sam` for the
   arguments.
   """
-  if normalize not in ("mean", "zscore", "none"):
-    raise ValueError(
-        f"{name}: normalize must be 'mean', 'zscore' or 'none', got"
-        f" {normalize!r}."
-    )
-  if gradient_norms not in ("finite_difference", "exact"):
-    raise ValueError(
-        f"{name}: gradient_norms must be 'finite_difference' or 'exact', got"
-        f" {gradient_norms!r}."
-    )
+  _contract.check_choice(normalize, NORMALIZATIONS, "normalize", name)
+  _contract.check_choice(gradient_norms, ("finite_difference", "exact"),
+                         "gradient_norms", name)
   _contract.check_number(lam, "lam", name, above=0, allow_inf=True)
   # None, not 1, by default: optax.inject_hyperparams turns an int argument
   # into an array, and the probe count must stay a Python int.
