@@ -100,14 +100,17 @@ def check_params(params: Params, transform_name: str) -> None:
 
 def check_same_structure(
     tree: Any, reference: Any, argument: str, transform_name: str,
-    reference_name: str = "params",
+    reference_name: str = "params", *, hint: str = "",
 ) -> None:
-  """Raises unless ``tree`` has the pytree structure of ``reference``."""
+  """Raises unless ``tree`` has the pytree structure of ``reference``.
+
+  ``hint`` (a sentence) ends the message: what to do instead.
+  """
   if jax.tree.structure(tree) != jax.tree.structure(reference):
     raise ValueError(
         f"{transform_name}: `{argument}` must have the structure of"
         f" `{reference_name}`; got {jax.tree.structure(tree)} and"
-        f" {jax.tree.structure(reference)}."
+        f" {jax.tree.structure(reference)}.{' ' + hint if hint else ''}"
     )
 
 
@@ -239,6 +242,7 @@ def check_integer(
     transform_name: str,
     *,
     minimum: int = 1,
+    maximum: int | None = None,
     optional: bool = False,
     static_hint: bool = True,
 ) -> int | None:
@@ -253,7 +257,7 @@ def check_integer(
   ``optional`` lets None through (returned as None).
 
   Raises:
-    ValueError: if ``value`` is not an integer ``>= minimum``.
+    ValueError: if ``value`` is not an integer in ``[minimum, maximum]``.
   """
   if optional and value is None:
     return None
@@ -271,9 +275,11 @@ def check_integer(
       number = operator.index(value)
     except TypeError:
       number = None
-    if number is not None and number >= minimum:
+    if (number is not None and number >= minimum
+        and (maximum is None or number <= maximum)):
       return number
   requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+  requirement += "" if maximum is None else f" and <= {maximum}"
   requirement += " or None" if optional else ""
   raise ValueError(
       f"{transform_name}: {argument} must be {requirement}, got"

@@ -77,15 +77,12 @@ def resolve_mask(
   if mask is None:
     return None
   tree = mask(params) if callable(mask) else mask
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    raise ValueError(
-        f"{transform_name}: `{argument}` must be a pytree of bools with the"
-        " structure of params, or a function of params returning one; got"
-        f" {jax.tree.structure(tree)} for params"
-        f" {jax.tree.structure(params)}. (Inside optax.inject_hyperparams a"
-        " callable argument is taken for a schedule: pass"
-        f" static_args=({argument!r},).)"
-    )
+  _contract.check_same_structure(
+      tree, params, argument, transform_name,
+      hint=(f"Pass a pytree of bools shaped like params, or a function of"
+            " params returning one. (Inside optax.inject_hyperparams a"
+            " callable argument is taken for a schedule: pass"
+            f" static_args=({argument!r},).)"))
   return tree
 
 

@@ -15,7 +15,6 @@ import jax
 import optax
 import pytest
 
-import sam_optax
 from _problems import add, global_norm, mean_loss
 from _problems import mlp_batch, mlp_loss, mlp_params
 

@@ -152,14 +152,10 @@ def _gradient_noise(
 
 def _check_micro_batch_size(micro_batch_size: Any, size: int,
                             with_replacement: bool, name: str) -> int:
-  micro_batch_size = _contract.check_integer(
-      micro_batch_size, "micro_batch_size", name, static_hint=False)
-  if not with_replacement and micro_batch_size > size:
-    raise ValueError(
-        f"{name}: micro_batch_size must be at most N = {size} (the number of"
-        f" examples) when drawing without replacement, got {micro_batch_size}."
-    )
-  return micro_batch_size
+  # Without replacement, a micro-batch has at most the N examples there are.
+  return _contract.check_integer(
+      micro_batch_size, "micro_batch_size", name,
+      maximum=None if with_replacement else size, static_hint=False)
 
 
 def micro_batch_coefficient(
