@@ -1,12 +1,14 @@
 """sam_optax: sharpness-aware minimization (SAM) and its variants as optax transforms.
 
 Every transform returns the gradient the base optimizer should use, so it goes
-first in an ``optax.chain``::
+first in an ``optax.chain``; ``loss_fn(params, batch)`` returns per-example
+losses (shape ``[B]``):
 
-  tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
-  updates, state = tx.update(grads, state, params, loss_fn=loss_fn, batch=batch)
-
-``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``).
+>>> tx = optax.chain(sam_optax.sam(rho=0.05), optax.sgd(0.1, momentum=0.9))
+>>> state = tx.init(params)
+>>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+>>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+...                            batch=batch)
 """
 
 from sam_optax._asam import adaptive_scale

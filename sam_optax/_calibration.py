@@ -78,6 +78,10 @@ def calibrate_sigma(
   :func:`sam_optax.rw_sam`. The probe passes compile once and run eagerly,
   ``len(candidates) × num_probes`` times.
 
+  >>> calibration = sam_optax.calibrate_sigma(loss_fn, params, batch,
+  ...                                         jax.random.key(0))
+  >>> tx = sam_optax.rw_sam(0.05, lam=0.5, sigma=float(calibration.sigma))
+
   Args:
     loss_fn: ``loss_fn(params, batch)``, per-example losses of shape ``[B]``.
     params: the parameters ``w``.

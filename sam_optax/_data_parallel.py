@@ -167,34 +167,28 @@ def data_parallel_m_sam(
   ``sync_perturbation=False``.
 
   A complete data-parallel train step (any number of devices; several hosts
-  alike, after ``jax.distributed.initialize()``)::
+  alike, after ``jax.distributed.initialize()``):
 
-    import functools
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    import optax
-    import sam_optax
-
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    tx = optax.chain(
-        sam_optax.data_parallel_m_sam(0.05, axis_name="data"),
-        optax.sgd(0.1, momentum=0.9),
-    )
-    opt_state = tx.init(params)
-
-    @jax.jit
-    @functools.partial(
-        jax.shard_map, mesh=mesh,
-        in_specs=(P(), P(), P("data")), out_specs=(P(), P()),
-    )
-    def train_step(params, opt_state, batch):
-      # Inside: `batch` is this device's shard; params are replicated.
-      updates, opt_state = tx.update(None, opt_state, params,
-                                     loss_fn=loss_fn, batch=batch)
-      return optax.apply_updates(params, updates), opt_state
-
-    batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    params, opt_state = train_step(params, opt_state, batch)
+  >>> import functools
+  >>> from jax.sharding import NamedSharding, PartitionSpec as P
+  >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  >>> tx = optax.chain(
+  ...     sam_optax.data_parallel_m_sam(0.05, axis_name="data"),
+  ...     optax.sgd(0.1, momentum=0.9),
+  ... )
+  >>> opt_state = tx.init(params)
+  >>> @jax.jit
+  ... @functools.partial(
+  ...     jax.shard_map, mesh=mesh,
+  ...     in_specs=(P(), P(), P("data")), out_specs=(P(), P()),
+  ... )
+  ... def train_step(params, opt_state, batch):
+  ...   # Inside: `batch` is this device's shard; params are replicated.
+  ...   updates, opt_state = tx.update(None, opt_state, params,
+  ...                                  loss_fn=loss_fn, batch=batch)
+  ...   return optax.apply_updates(params, updates), opt_state
+  >>> batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  >>> params, opt_state = train_step(params, opt_state, batch)
 
   The returned gradient is the same on every device (all-reduced), so the
   base optimizer's state stays replicated. The average is taken in float32.

@@ -150,6 +150,14 @@ def finite_difference_gradient_norms(
   given), ``2K`` for ``"central"``; probes are unrolled, so keep ``K`` small
   inside ``jit``. No backward pass.
 
+  >>> exact = sam_optax.per_example_gradient_norms(loss_fn, params, batch)
+  >>> estimate = sam_optax.finite_difference_gradient_norms(
+  ...     loss_fn, params, batch, jax.random.key(0), num_probes=64)
+  >>> exact.shape, estimate.shape
+  ((8,), (8,))
+  >>> bool(jnp.mean(jnp.abs(estimate - exact) / exact) < 0.3)
+  True
+
   Args:
     loss_fn: ``loss_fn(params, batch)``, per-example losses of shape ``[B]``.
     params: the parameters ``w`` (any pytree).
@@ -161,7 +169,8 @@ def finite_difference_gradient_norms(
       the parameters are promoted to float32 or ``difference="central"``).
     difference: ``"forward"`` (the paper) or ``"central"``.
     probe_in_float32: evaluate probes with low-precision floating leaves
-      promoted to float32 (see :func:`probe_parameters`).
+      promoted to float32 (``w + σv`` would round back to ``w`` in
+      bfloat16).
 
   Returns:
     A float32 vector ``s`` of shape ``[B]``.

@@ -61,12 +61,13 @@ def m_sam(
   ``[j*m, (j+1)*m)`` of every leaf of ``batch``. ``m = B`` is :func:`sam`
   (:func:`usam` with ``normalize=False``); smaller ``m`` regularizes the
   gradient noise more (2509.18001, Thm 3.5). Each micro-batch needs its own
-  clean gradient, so the ``updates`` passed in are not used (None is fine)::
+  clean gradient, so the ``updates`` passed in are not used (None is fine):
 
-    tx = optax.chain(sam_optax.m_sam(0.05, micro_batch_size=16),
-                     optax.sgd(0.1, momentum=0.9))
-    updates, state = tx.update(None, state, params, loss_fn=loss_fn,
-                               batch=batch)
+  >>> tx = optax.chain(sam_optax.m_sam(0.05, micro_batch_size=2),
+  ...                  optax.sgd(0.1, momentum=0.9))
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(None, state, params, loss_fn=loss_fn,
+  ...                            batch=batch)  # 8 examples: 4 micro-batches
 
   ``micro_batch_size`` sets shapes, so it stays a Python int: to schedule
   ``rho``, use ``optax.inject_hyperparams(sam_optax.m_sam,

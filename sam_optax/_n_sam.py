@@ -68,11 +68,13 @@ def n_sam(
 
   With ``A`` the whole training set this is the paper's n-SAM, whose implicit
   regularizer has no gradient-noise term (2509.18001, Thm 3.4). Pass the set
-  as ``ascent_batch=...`` or its gradient as ``ascent_gradient=...``::
+  as ``ascent_batch=...`` or its gradient as ``ascent_gradient=...``:
 
-    tx = optax.chain(sam_optax.n_sam(0.05), optax.sgd(0.1))
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               batch=batch, ascent_batch=large_batch)
+  >>> tx = optax.chain(sam_optax.n_sam(0.05), optax.sgd(0.1))
+  >>> state = tx.init(params)
+  >>> ascent_set = {"x": jnp.ones((32, 4)), "y": jnp.arange(32) % 3}
+  >>> updates, state = tx.update(None, state, params, loss_fn=loss_fn,
+  ...                            batch=batch, ascent_batch=ascent_set)
 
   The clean gradient ``updates`` is not used (None is accepted).
 

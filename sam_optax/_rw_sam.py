@@ -210,14 +210,18 @@ def rw_sam(
   gradients. One step costs two forward-backward passes plus one forward per
   probe, like SAM plus one forward; ``updates`` (the clean gradient) is not
   used, so under ``jit`` it costs nothing and may be None. Pass a new PRNG
-  key each step::
+  key each step:
 
-    tx = optax.chain(sam_optax.rw_sam(rho=0.05, lam=0.5),
-                     optax.sgd(0.1, momentum=0.9))
-    updates, opt_state = tx.update(
-        None, opt_state, params, loss_fn=loss_fn, batch=batch,
-        key=jax.random.fold_in(probe_key, step))
-    ess = optax.tree.get(opt_state, "effective_sample_size")
+  >>> tx = optax.chain(sam_optax.rw_sam(rho=0.05, lam=0.5),
+  ...                  optax.sgd(0.1, momentum=0.9))
+  >>> opt_state = tx.init(params)
+  >>> probe_key, step = jax.random.key(0), 0
+  >>> updates, opt_state = tx.update(
+  ...     None, opt_state, params, loss_fn=loss_fn, batch=batch,
+  ...     key=jax.random.fold_in(probe_key, step))
+  >>> ess = optax.tree.get(opt_state, "effective_sample_size")
+  >>> bool(1 <= ess <= batch["y"].shape[0])
+  True
 
   ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``). The
   state (:class:`ReweightedAscentState`) holds diagnostics of the last step.

@@ -50,13 +50,16 @@ def sam(
 
   where ``g_B = ∇L_B(w)`` is the clean gradient (``updates``, or computed from
   ``loss_fn`` and ``batch`` when ``updates`` is None) and ``δ = 1e-12``. Chain
-  a base optimizer after it::
+  a base optimizer after it; ``loss_fn(params, batch)`` returns per-example
+  losses (shape ``[B]``):
 
-    tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1, momentum=0.9))
-    updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
-                               batch=batch)
-
-  ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``).
+  >>> tx = optax.chain(sam_optax.sam(0.05), optax.sgd(0.1, momentum=0.9))
+  >>> state = tx.init(params)
+  >>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+  >>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+  ...                            batch=batch)
+  >>> jax.tree.map(jnp.shape, updates)
+  {'b': (3,), 'w': (4, 3)}
 
   Args:
     rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).

@@ -36,7 +36,16 @@ def m_sam(
   ``B_j = batch[j*m:(j+1)*m]`` it calls ``sam(rho).update`` (``usam`` with
   ``normalize=False``) and averages the results in float32. Run eagerly it
   processes one micro-batch at a time; under ``jax.jit`` XLA sees the ``k``
-  steps unrolled. Same contract and result as :func:`sam_optax.m_sam`.
+  steps unrolled. Same contract and result as :func:`sam_optax.m_sam`:
+
+  >>> fast = sam_optax.m_sam(0.05, micro_batch_size=2)
+  >>> by_definition = sam_optax.reference.m_sam(0.05, micro_batch_size=2)
+  >>> expected, _ = by_definition.update(None, optax.EmptyState(), params,
+  ...                                    loss_fn=loss_fn, batch=batch)
+  >>> actual, _ = fast.update(None, optax.EmptyState(), params,
+  ...                         loss_fn=loss_fn, batch=batch)
+  >>> bool(optax.tree.norm(optax.tree.sub(actual, expected)) < 1e-6)
+  True
 
   Args:
     rho: the perturbation radius ``ρ``.

@@ -5,15 +5,18 @@ per-example ``loss_fn(params, batch)`` as the transforms. The dataset is
 ``data``, one pytree whose leaves share a leading axis of ``N`` examples (NumPy
 arrays may stay in host memory); ``chunk_size`` bounds how many examples are
 processed at once (results are averages over examples, whatever the
-chunking)::
+chunking):
 
-  noise = sam_optax.diagnostics.gradient_noise(loss_fn, params, train_data,
-                                               chunk_size=500)
-  trace = sam_optax.diagnostics.hessian_trace(loss_fn, params, train_data,
-                                              key, num_probes=64)
-  top = sam_optax.diagnostics.hessian_top_eigenpair(loss_fn, params,
-                                                    train_data, key)
-  noise.trace, trace.mean, trace.standard_error, top.value
+>>> data = batch  # the dataset: leaves share a leading axis of N examples
+>>> key = jax.random.key(0)
+>>> noise = sam_optax.diagnostics.gradient_noise(loss_fn, params, data,
+...                                              chunk_size=4)
+>>> trace = sam_optax.diagnostics.hessian_trace(loss_fn, params, data, key,
+...                                             num_probes=64)
+>>> top = sam_optax.diagnostics.hessian_top_eigenpair(loss_fn, params, data,
+...                                                   key)
+>>> bool(top.value <= trace.mean + 3 * trace.standard_error)  # λ_max <= tr H
+True
 
 Curvature: :func:`hessian_vector_product`, :func:`hessian_trace` (Hutchinson),
 :func:`hessian_top_eigenpair` (Lanczos). Gradient noise: :func:`mean_gradient`,
