@@ -2,10 +2,15 @@
 
 2509.18001 (§4, Algorithm 1). The ascent direction is the gradient of a
 weighted batch loss, ``g_p = ∇ Σ_i p_i ℓ_i(w)``, with Gibbs weights
-``p = softmax(ŝ/λ)`` of the (normalized) per-example gradient norms
+``p = softmax(ŝ/λ)`` of the scaled per-example gradient norms
 ``s_i ≈ ‖∇ℓ_i(w)‖``, estimated by finite differences along a Rademacher probe.
 The descent gradient handed on is the plain mean ``∇L_B(w+ε)``: the weights
 shape the ascent only. RW-ASAM takes the same direction with ASAM's scale.
+
+The paper says only that the estimates are "normalized before applying the
+exponential"; ``norm_scaling`` chooses how (dividing by their mean, the
+default, follows that text most closely), and ``score`` whether the norms or
+their squares (which the paper's appendix estimates) enter the softmax.
 """
 
 from typing import Any, Literal, NamedTuple
@@ -21,8 +26,10 @@ from sam_optax import _gradient_norms
 from sam_optax import _perturbation
 from sam_optax import _transform
 
-Normalization = Literal["mean", "zscore", "none"]
-NORMALIZATIONS = ("mean", "zscore", "none")
+NormScaling = Literal["mean", "max", "zscore", "none"]
+NORM_SCALINGS = ("mean", "max", "zscore", "none")
+Score = Literal["norm", "squared_norm"]
+SCORES = ("norm", "squared_norm")
 GradientNorms = Literal["finite_difference", "exact"]
 
 
@@ -52,42 +59,71 @@ class ReweightedAscentState(NamedTuple):
   effective_sample_size: jax.Array
 
 
-def normalize_norms(norms: jax.Array, normalize: Normalization = "mean"
-                    ) -> jax.Array:
-  """``ŝ`` from ``s``: ``"mean"``: ``s / (mean s + δ)``; ``"zscore"``:
-  ``(s − mean s) / (std s + δ)``; ``"none"``: ``s`` (``δ = 1e-12``)."""
-  _contract.check_choice(normalize, NORMALIZATIONS, "normalize",
-                         "normalize_norms")
-  norms = norms.astype(jnp.float32)
-  if normalize == "none":
-    return norms
-  # Divided by the largest norm first (and δ with it), so that no finite
-  # norms overflow the mean or the variance.
-  magnitude = _perturbation.magnitude_scale(norms)
-  norms = _perturbation.divide(norms, magnitude)
+def scale_scores(scores: jax.Array, norm_scaling: NormScaling = "mean"
+                 ) -> jax.Array:
+  """``ŝ`` from non-negative scores ``x`` (``δ = 1e-12``).
+
+  ``"mean"``: ``x / (mean x + δ)``; ``"max"``: ``x / (max x + δ)``;
+  ``"zscore"``: ``(x − mean x) / (std x + δ)``; ``"none"``: ``x``. The first
+  three make ``λ`` scale-free (the same weights for ``x`` and ``c·x``).
+  """
+  _contract.check_choice(norm_scaling, NORM_SCALINGS, "norm_scaling",
+                         "scale_scores")
+  scores = scores.astype(jnp.float32)
+  if norm_scaling == "none":
+    return scores
+  # Divided by the largest score first (and δ with it), so that no finite
+  # scores overflow the mean or the variance.
+  magnitude = _perturbation.magnitude_scale(scores)
+  scores = _perturbation.divide(scores, magnitude)
   eps = _perturbation.NORM_EPS / magnitude
-  if normalize == "mean":
-    return norms / (jnp.mean(norms) + eps)
-  return (norms - jnp.mean(norms)) / (jnp.std(norms) + eps)  # "zscore"
+  if norm_scaling == "mean":
+    return scores / (jnp.mean(scores) + eps)
+  if norm_scaling == "max":
+    return scores / (jnp.max(scores) + eps)
+  return (scores - jnp.mean(scores)) / (jnp.std(scores) + eps)  # "zscore"
+
+
+def _scores(norms: jax.Array, score: Score, norm_scaling: NormScaling
+            ) -> jax.Array:
+  """``s`` or ``s²``, the latter without overflow where the scaling allows."""
+  norms = norms.astype(jnp.float32)
+  if score == "norm":
+    return norms
+  if norm_scaling == "none":
+    return jnp.minimum(jnp.square(norms), jnp.finfo(jnp.float32).max)
+  # The other scalings divide by a statistic of the scores: squaring s/max s
+  # gives the same ŝ (up to δ) for norms whose squares overflow float32.
+  return jnp.square(_perturbation.divide(
+      norms, _perturbation.magnitude_scale(norms)))
 
 
 def gibbs_weights(norms: jax.Array, lam: ArrayLike,
-                  normalize: Normalization = "mean") -> jax.Array:
+                  norm_scaling: NormScaling = "mean",
+                  score: Score = "norm") -> jax.Array:
   """RW-SAM's weights ``p = softmax(ŝ/λ)`` (2509.18001, Eq. 20).
 
-  ``λ = inf`` gives uniform weights (mini-batch SAM); a small ``λ`` puts them
-  on the examples with the largest norms. Equal norms give uniform weights.
+  ``ŝ`` is :func:`scale_scores` of ``s`` (``score="norm"``) or of ``s²``
+  (``score="squared_norm"``). ``λ = inf`` gives uniform weights (mini-batch
+  SAM); a small ``λ`` puts them on the examples with the largest norms.
+  Equal norms give uniform weights. Logits that overflow float32 (a tiny
+  ``λ``) are clipped to its largest value, so the weights stay finite.
 
   Args:
     norms: per-example gradient norms ``s`` (or estimates), shape ``[B]``.
     lam: the temperature ``λ > 0`` (``jnp.inf`` allowed).
-    normalize: see :func:`normalize_norms`.
+    norm_scaling: ``"mean"``, ``"max"``, ``"zscore"`` or ``"none"``; see
+      :func:`scale_scores`.
+    score: ``"norm"`` or ``"squared_norm"``.
 
   Returns:
     float32 weights of shape ``[B]``, summing to 1.
   """
-  return jax.nn.softmax(
-      normalize_norms(norms, normalize) / jnp.asarray(lam, jnp.float32))
+  _contract.check_choice(score, SCORES, "score", "gibbs_weights")
+  scaled = scale_scores(_scores(norms, score, norm_scaling), norm_scaling)
+  logits = scaled / jnp.asarray(lam, jnp.float32)
+  largest = jnp.finfo(jnp.float32).max
+  return jax.nn.softmax(jnp.clip(logits, -largest, largest))
 
 
 def _diagnostics(losses: jax.Array, norms: jax.Array,
@@ -109,7 +145,8 @@ def reweighted_ascent(
     *,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
     num_probes: int | None = None,
-    normalize: Normalization = "mean",
+    norm_scaling: NormScaling = "mean",
+    score: Score = "norm",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
@@ -131,7 +168,8 @@ def reweighted_ascent(
   ``update``; the exact mode ignores it. See :func:`rw_sam` for the
   arguments.
   """
-  _contract.check_choice(normalize, NORMALIZATIONS, "normalize", name)
+  _contract.check_choice(norm_scaling, NORM_SCALINGS, "norm_scaling", name)
+  _contract.check_choice(score, SCORES, "score", name)
   _contract.check_choice(gradient_norms, ("finite_difference", "exact"),
                          "gradient_norms", name)
   _contract.check_number(lam, "lam", name, above=0, allow_inf=True)
@@ -175,7 +213,8 @@ def reweighted_ascent(
           loss_fn, params, batch, key, sigma=sigma, num_probes=num_probes,
           losses=losses, difference=difference,
           probe_in_float32=probe_in_float32)
-    weights = jax.lax.stop_gradient(gibbs_weights(norms, lam, normalize))
+    weights = jax.lax.stop_gradient(
+        gibbs_weights(norms, lam, norm_scaling, score))
     (ascent,) = pullback(weights.astype(losses.dtype))
     return ascent, _diagnostics(losses, norms, weights)
 
@@ -188,7 +227,8 @@ def rw_sam(
     *,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
     num_probes: int | None = None,
-    normalize: Normalization = "mean",
+    norm_scaling: NormScaling = "mean",
+    score: Score = "norm",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
@@ -205,7 +245,8 @@ def rw_sam(
     \text{returns } \nabla L_B(w + \varepsilon),
 
   with ``v`` a Rademacher probe over every leaf, ``ŝ = s / (mean s + δ)``
-  (``normalize="mean"``) and ``p`` held constant. ``λ → ∞`` is :func:`sam`;
+  (``norm_scaling="mean"``, ``score="norm"``) and ``p`` held constant.
+  ``λ → ∞`` is :func:`sam`;
   a small ``λ`` concentrates the ascent on the examples with the largest
   gradients. One step costs two forward-backward passes plus one forward per
   probe, like SAM plus one forward; ``updates`` (the clean gradient) is not
@@ -239,8 +280,15 @@ def rw_sam(
       ``K = 1``, as in the paper. Each adds a forward pass. It sets the
       number of passes, so inside ``optax.inject_hyperparams`` an explicit
       value needs ``static_args=("num_probes",)``.
-    normalize: how ``s`` is normalized before the softmax: ``"mean"``
-      (``s / mean s``, makes ``λ`` scale-free), ``"zscore"`` or ``"none"``.
+    norm_scaling: how the scores are scaled before the softmax (the paper
+      says only "normalized"): ``"mean"`` (``x / mean x``, the default),
+      ``"max"`` (``x / max x``), ``"zscore"`` (``(x − mean x) / std x``) or
+      ``"none"``; the first three make ``λ`` scale-free (see
+      :func:`scale_scores`). The form with ``ρ`` in the exponent,
+      ``p = softmax(ρ s / λ')``, is ``norm_scaling="none"`` with
+      ``lam = λ'/ρ``.
+    score: ``"norm"`` (``x = s``, the default) or ``"squared_norm"``
+      (``x = s²``, the quantity the paper's appendix estimates).
     gradient_norms: ``"finite_difference"`` (the paper), or ``"exact"``:
       ``s_i = ‖∇ℓ_i‖`` from a ``vmap`` of ``grad`` (``B`` backward passes;
       for validation and ablation).
@@ -265,7 +313,8 @@ def rw_sam(
   """
   return _transform.sharpness_aware(
       reweighted_ascent(
-          lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
+          lam, sigma=sigma, num_probes=num_probes,
+          norm_scaling=norm_scaling, score=score,
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, chunk_size=chunk_size,
           name="rw_sam"),
@@ -281,7 +330,8 @@ def rw_asam(
     scale_mask: _asam.Mask = None,
     sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
     num_probes: int | None = None,
-    normalize: Normalization = "mean",
+    norm_scaling: NormScaling = "mean",
+    score: Score = "norm",
     gradient_norms: GradientNorms = "finite_difference",
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
@@ -307,7 +357,8 @@ def rw_asam(
       ``bias``).
     sigma: see :func:`rw_sam`.
     num_probes: see :func:`rw_sam`.
-    normalize: see :func:`rw_sam`.
+    norm_scaling: see :func:`rw_sam`.
+    score: see :func:`rw_sam`.
     gradient_norms: see :func:`rw_sam`.
     difference: see :func:`rw_sam`.
     probe_in_float32: see :func:`rw_sam`.
@@ -325,7 +376,8 @@ def rw_asam(
   _contract.check_number(eta, "eta", "rw_asam", minimum=0)
   return _transform.sharpness_aware(
       reweighted_ascent(
-          lam, sigma=sigma, num_probes=num_probes, normalize=normalize,
+          lam, sigma=sigma, num_probes=num_probes,
+          norm_scaling=norm_scaling, score=score,
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, chunk_size=chunk_size,
           name="rw_asam"),

@@ -1,5 +1,7 @@
 """RW-SAM and RW-ASAM: limits, weights, keys, exact mode, cost, bad input."""
 
+import itertools
+
 from absl.testing import parameterized
 import chex
 import hypothesis
@@ -60,10 +62,11 @@ class LimitsTest(chex.TestCase):
 
   @chex.variants(with_jit=True)
   @parameterized.parameters(("mean", float("inf")), ("zscore", float("inf")),
-                            ("none", float("inf")), ("mean", 1e9))
-  def test_large_lam_is_sam(self, normalize, lam):
+                            ("none", float("inf")), ("max", float("inf")),
+                            ("mean", 1e9))
+  def test_large_lam_is_sam(self, norm_scaling, lam):
     params, batch = _setup()
-    tx = sam_optax.rw_sam(RHO, lam, normalize=normalize)
+    tx = sam_optax.rw_sam(RHO, lam, norm_scaling=norm_scaling)
 
     @self.variant
     def step(params, batch, key):
@@ -112,21 +115,24 @@ class LimitsTest(chex.TestCase):
 class ExactModeTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("mean", "zscore", "none")
-  def test_equals_the_formula(self, normalize):
+  @parameterized.product(norm_scaling=["mean", "max", "zscore", "none"],
+                         score=["norm", "squared_norm"])
+  def test_equals_the_formula(self, norm_scaling, score):
     params, batch = _setup(seed=5)
     lam = 0.5
     gradients = [example_gradient(params, batch, i) for i in range(8)]
     s = jnp.stack([global_norm(g) for g in gradients])
-    s_hat = {"mean": s / (jnp.mean(s) + DELTA),
-             "zscore": (s - jnp.mean(s)) / (jnp.std(s) + DELTA),
-             "none": s}[normalize]
+    x = s if score == "norm" else s**2
+    s_hat = {"mean": x / (jnp.mean(x) + DELTA),
+             "max": x / (jnp.max(x) + DELTA),
+             "zscore": (x - jnp.mean(x)) / (jnp.std(x) + DELTA),
+             "none": x}[norm_scaling]
     p = jnp.exp(s_hat / lam) / jnp.sum(jnp.exp(s_hat / lam))
     g_p = jax.tree.map(lambda *g: sum(pi * gi for pi, gi in zip(p, g)),
                        *gradients)
     expected = sam_step_along(g_p, params, batch)
 
-    tx = sam_optax.rw_sam(RHO, lam, normalize=normalize,
+    tx = sam_optax.rw_sam(RHO, lam, norm_scaling=norm_scaling, score=score,
                           gradient_norms="exact")
 
     @self.variant
@@ -221,8 +227,8 @@ class DiagnosticsTest(chex.TestCase):
   def test_identical_examples_give_uniform_weights(self):
     params, batch = _setup(seed=9)
     same = jax.tree.map(lambda x: jnp.repeat(x[:1], 8, axis=0), batch)
-    for normalize in ("mean", "zscore", "none"):
-      tx = sam_optax.rw_sam(RHO, 0.1, normalize=normalize)
+    for norm_scaling in ("mean", "max", "zscore", "none"):
+      tx = sam_optax.rw_sam(RHO, 0.1, norm_scaling=norm_scaling)
       updates, state = _update(tx, params, same, jax.random.key(0))
       np.testing.assert_allclose(state.effective_sample_size, 8.0, rtol=1e-5)
       np.testing.assert_allclose(state.gradient_norm_std, 0.0, atol=1e-5)
@@ -235,8 +241,9 @@ def test_zero_gradient_gives_no_nan():
   params = {"w": jnp.ones(3)}
   batch = {"target": jnp.ones((4, 3))}
   loss_fn = lambda p, b: 0.5 * jnp.sum((p["w"] - b["target"])**2, axis=1)
-  for normalize in ("mean", "zscore", "none"):
-    tx = sam_optax.rw_sam(RHO, 0.5, normalize=normalize)
+  for norm_scaling, score in itertools.product(
+      ("mean", "max", "zscore", "none"), ("norm", "squared_norm")):
+    tx = sam_optax.rw_sam(RHO, 0.5, norm_scaling=norm_scaling, score=score)
     updates, state = tx.update(None, tx.init(params), params, loss_fn=loss_fn,
                                batch=batch, key=jax.random.key(0))
     chex.assert_trees_all_close(updates, {"w": jnp.zeros(3)}, atol=1e-6)
@@ -258,11 +265,35 @@ def test_gibbs_weights_properties(norms, lam, scale):
   # Larger norm, no smaller weight.
   order = np.argsort(np.asarray(norms), kind="stable")
   assert np.all(np.diff(np.asarray(weights)[order]) >= -1e-7)
-  # "mean" normalization makes λ scale-free: s and c·s weigh alike.
-  np.testing.assert_allclose(sam_optax.gibbs_weights(scale * norms, lam),
-                             weights, rtol=1e-3, atol=1e-7)
+  # Every scaling but "none" makes λ scale-free: s and c·s weigh alike.
+  for norm_scaling in ("mean", "max", "zscore"):
+    for score in ("norm", "squared_norm"):
+      np.testing.assert_allclose(
+          sam_optax.gibbs_weights(scale * norms, lam, norm_scaling, score),
+          sam_optax.gibbs_weights(norms, lam, norm_scaling, score),
+          rtol=1e-3, atol=1e-7)
   np.testing.assert_allclose(sam_optax.gibbs_weights(norms, jnp.inf),
                              1 / len(norms), rtol=1e-6)
+
+
+def test_rho_in_the_exponent_is_no_scaling_with_lam_over_rho():
+  norms = jnp.asarray([0.5, 2.0, 1.0, 3.0])
+  rho, lam = 0.05, 0.5
+  np.testing.assert_allclose(
+      sam_optax.gibbs_weights(norms, lam / rho, norm_scaling="none"),
+      jax.nn.softmax(rho * norms / lam), rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm_scaling", ["mean", "max", "zscore", "none"])
+@pytest.mark.parametrize("score", ["norm", "squared_norm"])
+def test_huge_norms_give_finite_weights(norm_scaling, score):
+  # s² overflows float32 here, and s/λ too for "none" with a small λ.
+  norms = jnp.asarray([1e30, 3e30, 2e30, 0.0])
+  weights = sam_optax.gibbs_weights(norms, 1e-3, norm_scaling, score)
+  assert np.all(np.isfinite(weights))
+  np.testing.assert_allclose(jnp.sum(weights), 1.0, rtol=1e-5)
+  if norm_scaling != "none":  # unscaled, the overflowing logits are clipped
+    assert int(jnp.argmax(weights)) == 1
 
 
 def _flops(fn, *args):
@@ -366,8 +397,10 @@ def test_bad_options_are_clear_errors():
     sam_optax.rw_sam(RHO, 0.0)
   with pytest.raises(ValueError, match="sigma must be > 0"):
     sam_optax.rw_sam(RHO, sigma=-1e-3)
-  with pytest.raises(ValueError, match="normalize"):
-    sam_optax.rw_sam(RHO, normalize="max")
+  with pytest.raises(ValueError, match="norm_scaling must be one of"):
+    sam_optax.rw_sam(RHO, norm_scaling="median")
+  with pytest.raises(ValueError, match="score must be one of"):
+    sam_optax.rw_sam(RHO, score="cube")
   with pytest.raises(ValueError, match="gradient_norms"):
     sam_optax.rw_sam(RHO, gradient_norms="hutchinson")
   with pytest.raises(ValueError, match="num_probes"):
