@@ -35,6 +35,7 @@ from sam_optax._sam import clean_gradient_ascent
 from sam_optax._sam import sam
 from sam_optax._sam import usam
 from sam_optax._transform import AscentDirection
+from sam_optax._transform import DirectionFn
 from sam_optax._transform import sharpness_aware
 from sam_optax import diagnostics
 from sam_optax import reference
@@ -42,13 +43,14 @@ from sam_optax import reference
 __version__ = "0.1.0"
 
 # What users call. The transforms; the pieces a new variant is built from
-# (AscentDirection, sharpness_aware, each variant's ascent direction and
+# (AscentDirection, DirectionFn, sharpness_aware, each variant's ascent direction and
 # state, ASAM's scale and mask); RW-SAM's per-example gradient norms, their
 # σ calibration and weights, to check and tune it; and two submodules:
 # diagnostics (sharpness and gradient noise) and reference (the definitions
 # the fast forms are tested against).
 __all__ = (
     "AscentDirection",
+    "DirectionFn",
     "FriendlyAscentState",
     "LossFn",
     "ReweightedAscentState",

@@ -101,10 +101,13 @@ def _scores(norms: jax.Array, score: Score, norm_scaling: NormScaling
 def gibbs_weights(norms: jax.Array, lam: ArrayLike,
                   norm_scaling: NormScaling = "mean",
                   score: Score = "norm") -> jax.Array:
-  """RW-SAM's weights ``p = softmax(ŝ/λ)`` (2509.18001, Eq. 20).
+  """RW-SAM's weights ``p = softmax(ŝ/λ)`` (2509.18001, Equation 20).
 
-  ``ŝ`` is :func:`scale_scores` of ``s`` (``score="norm"``) or of ``s²``
-  (``score="squared_norm"``). ``λ = inf`` gives uniform weights (mini-batch
+  ``ŝ`` is the scaled score ``x``: ``x = s`` (``score="norm"``) or ``s²``
+  (``score="squared_norm"``), then ``x / (mean x + δ)``
+  (``norm_scaling="mean"``), ``x / (max x + δ)`` (``"max"``),
+  ``(x − mean x) / (std x + δ)`` (``"zscore"``) or ``x`` (``"none"``), with
+  ``δ = 1e-12``. ``λ = inf`` gives uniform weights (mini-batch
   SAM); a small ``λ`` puts them on the examples with the largest norms.
   Equal norms give uniform weights. Logits that overflow float32 (a tiny
   ``λ``) are clipped to its largest value, so the weights stay finite.
@@ -112,8 +115,8 @@ def gibbs_weights(norms: jax.Array, lam: ArrayLike,
   Args:
     norms: per-example gradient norms ``s`` (or estimates), shape ``[B]``.
     lam: the temperature ``λ > 0`` (``jnp.inf`` allowed).
-    norm_scaling: ``"mean"``, ``"max"``, ``"zscore"`` or ``"none"``; see
-      :func:`scale_scores`.
+    norm_scaling: ``"mean"``, ``"max"``, ``"zscore"`` or ``"none"``, as
+      above.
     score: ``"norm"`` or ``"squared_norm"``.
 
   Returns:
@@ -284,7 +287,7 @@ def rw_sam(
       says only "normalized"): ``"mean"`` (``x / mean x``, the default),
       ``"max"`` (``x / max x``), ``"zscore"`` (``(x − mean x) / std x``) or
       ``"none"``; the first three make ``λ`` scale-free (see
-      :func:`scale_scores`). The form with ``ρ`` in the exponent,
+      :func:`gibbs_weights`). The form with ``ρ`` in the exponent,
       ``p = softmax(ρ s / λ')``, is ``norm_scaling="none"`` with
       ``lam = λ'/ρ``.
     score: ``"norm"`` (``x = s``, the default) or ``"squared_norm"``
