@@ -22,8 +22,7 @@ latter on a CPU); ``m_sam/vmap/m=16/chunk=C`` (memory-bounded: chunks of ``C``
 micro-batches in a ``lax`` loop); the sequential forms ``m_sam/loop/m=M`` (one
 micro-batch per iteration of a ``lax`` loop inside the step) and
 ``m_sam/sequential/m=M`` (the papers' way: a Python loop calling a jitted SAM
-step per micro-batch); and ``asam``, ``f_sam``, ``rw_sam``, ``rw_asam`` where
-``sam_optax`` has them.
+step per micro-batch); and ``asam``, ``f_sam``, ``rw_sam``, ``rw_asam``.
 
 Memory: XLA's buffer assignment for the compiled step
 (``compiled.memory_analysis()``): ``temp`` is the working memory beyond the
@@ -39,8 +38,6 @@ import argparse
 from collections.abc import Callable, Sequence
 import dataclasses
 import json
-import os
-import platform
 import re
 import shlex
 import statistics
@@ -48,7 +45,6 @@ import sys
 import time
 from typing import Any
 
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +52,8 @@ import optax
 
 from experiments import models
 from experiments import nnx_glue
+from experiments import reporting
+from experiments import steps as steps_lib
 import sam_optax
 
 RHO = 0.05
@@ -85,12 +83,6 @@ class Runner:
   total_bytes: int
 
 
-def per_example_loss(model: nnx.Module, batch: dict[str, jax.Array]):
-  logits = model(batch["image"])
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["label"])
-
-
 def _memory(compiled: Any) -> tuple[int, int]:
   stats = compiled.memory_analysis()
   if stats is None:
@@ -118,11 +110,12 @@ def transform_runner(
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     tx = base if make is None else optax.chain(make(), base)
     loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
-                                    per_example_loss)
+                                    steps_lib.per_example_loss, has_aux=True)
 
     def train_step(params, state, opt_state, batch, key):
       _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
-          setup.graphdef, state, per_example_loss, params, batch)
+          setup.graphdef, state, steps_lib.per_example_loss, params, batch,
+          has_aux=True)
       updates, opt_state = tx.update(grads, opt_state, params,
                                      loss_fn=loss_fn, batch=batch, key=key)
       return optax.apply_updates(params, updates), new_state, opt_state
@@ -148,8 +141,8 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     sam = sam_optax.sam(RHO)
     loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
-                                    per_example_loss)
-    count = setup.batch["label"].shape[0] // micro_batch_size
+                                    steps_lib.per_example_loss, has_aux=True)
+    count = setup.batch["labels"].shape[0] // micro_batch_size
 
     def micro_step(params, total, batch, j):
       micro = jax.tree.map(
@@ -161,7 +154,8 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
 
     def finish(params, state, opt_state, batch, total):
       _, _, new_state, _ = nnx_glue.loss_grad_and_state(
-          setup.graphdef, state, per_example_loss, params, batch)
+          setup.graphdef, state, steps_lib.per_example_loss, params, batch,
+          has_aux=True)
       updates, opt_state = base.update(optax.tree.scale(1 / count, total),
                                        opt_state, params)
       return optax.apply_updates(params, updates), new_state, opt_state
@@ -217,7 +211,7 @@ def variants(setup: Setup) -> list[Variant]:
   for m in setup.micro_batch_sizes:
     entries.append(_m_sam(m, "unrolled"))
   # Memory-bounded: chunks of c micro-batches, vmapped, in a lax loop.
-  count = setup.batch["label"].shape[0] // setup.chunked_micro_batch_size
+  count = setup.batch["labels"].shape[0] // setup.chunked_micro_batch_size
   for per_chunk in (2, 4):
     if per_chunk < count and count % per_chunk == 0:
       entries.append(_m_sam(setup.chunked_micro_batch_size, "vmap", per_chunk))
@@ -226,16 +220,14 @@ def variants(setup: Setup) -> list[Variant]:
   for m in setup.sequential_micro_batch_sizes:
     entries.append(_m_sam(m, "vmap", 1, name=f"m_sam/loop/m={m}"))
     entries.append(Variant(f"m_sam/sequential/m={m}", sequential_runner(m)))
-  # Other members of the family, where this version of sam_optax has them.
-  optional = {
-      "asam": lambda: sam_optax.asam(0.5),
-      "f_sam": lambda: sam_optax.f_sam(RHO),
-      "rw_sam": lambda: sam_optax.rw_sam(RHO, 0.5),
-      "rw_asam": lambda: sam_optax.rw_asam(0.5, 0.5),
-  }
-  for name, make in optional.items():
-    if hasattr(sam_optax, name):
-      entries.append(Variant(name, transform_runner(make)))
+  # The other members of the family.
+  entries += [
+      Variant("asam", transform_runner(lambda: sam_optax.asam(0.5))),
+      Variant("f_sam", transform_runner(lambda: sam_optax.f_sam(RHO))),
+      Variant("rw_sam", transform_runner(lambda: sam_optax.rw_sam(RHO, 0.5))),
+      Variant("rw_asam",
+              transform_runner(lambda: sam_optax.rw_asam(0.5, 0.5))),
+  ]
   return entries
 
 
@@ -246,9 +238,9 @@ def make_setup(model_name: str, batch_size: int, num_classes: int,
   split = nnx_glue.split(model)
   rng = np.random.default_rng(0)
   batch = {
-      "image": jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)),
-                           jnp.float32),
-      "label": jnp.asarray(rng.integers(0, num_classes, size=batch_size)),
+      "inputs": jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)),
+                            jnp.float32),
+      "labels": jnp.asarray(rng.integers(0, num_classes, size=batch_size)),
   }
   return Setup(split.graphdef, split.params, split.state, batch,
                tuple(micro_batch_sizes), chunked, tuple(sequential))
@@ -294,26 +286,10 @@ def report_ratios(times: dict[str, list[float]], setup: Setup,
           if value is not None]
 
 
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _machine() -> str:
-  device = jax.devices()[0]
-  return (f"{platform.node()}: {_cpu_name()}, {os.cpu_count()} CPU cores;"
-          f" JAX {jax.__version__} on {jax.default_backend()}"
-          f" ({device.device_kind}, {jax.device_count()} device(s))")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.benchmark",
+      description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="auto",
                       choices=["auto", "small_cnn", "resnet18"],
                       help="auto: small_cnn on a CPU, resnet18 on a GPU/TPU.")
@@ -346,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   entries = [v for v in variants(setup)
              if v.name in ("sgd", "sam") or args.only is None
              or re.search(args.only, v.name)]
-  print(_machine())
+  machine = reporting.describe_machine(reporting.machine())
+  print(machine)
   print("command: python -m experiments.benchmark",
         shlex.join(sys.argv[1:] if argv is None else argv))
   print(f"model {model_name}, batch {args.batch_size}, {repeats} rounds x"
@@ -372,26 +349,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"  round {round_index + 1}/{repeats} done", flush=True)
 
   mib = 2.0 ** 20
-  print(f"\n| variant | median step (ms) | / sam | compile (s) |"
-        f" temp (MiB) | total (MiB) |")
-  print("|---|---|---|---|---|---|")
-  for name in names:
-    runner = runners[name]
-    print(f"| {name} | {1e3 * statistics.median(times[name]):.1f} |"
-          f" {_ratio(times, name, 'sam'):.2f} | {runner.compile_seconds:.1f} |"
-          f" {runner.temp_bytes / mib:.1f} | {runner.total_bytes / mib:.1f} |")
+  print("\n" + reporting.markdown_table(
+      [("variant", "median step (ms)", "/ sam", "compile (s)", "temp (MiB)",
+        "total (MiB)")]
+      + [(name, f"{1e3 * statistics.median(times[name]):.1f}",
+          f"{_ratio(times, name, 'sam'):.2f}",
+          f"{runners[name].compile_seconds:.1f}",
+          f"{runners[name].temp_bytes / mib:.1f}",
+          f"{runners[name].total_bytes / mib:.1f}") for name in names]))
   ratios = report_ratios(times, setup, on_gpu)
-  print("\n| ratio (median over rounds) | value | target |")
-  print("|---|---|---|")
-  for label, value, target in ratios:
-    print(f"| {label} | {value:.2f} | {target} |")
+  print("\n" + reporting.markdown_table(
+      [("ratio (median over rounds)", "value", "target")]
+      + [(label, f"{value:.2f}", target) for label, value, target in ratios]))
   if on_gpu:
     stats = jax.devices()[0].memory_stats() or {}
     print(f"\nprocess peak device memory:"
           f" {stats.get('peak_bytes_in_use', 0) / mib:.0f} MiB")
 
   results = {
-      "machine": _machine(),
+      "machine": machine,
       "argv": list(sys.argv[1:] if argv is None else argv),
       "model": model_name,
       "batch_size": args.batch_size, "repeats": repeats, "steps": steps,

@@ -27,17 +27,18 @@ import argparse
 from collections.abc import Sequence
 import dataclasses
 import json
-import os
 import pathlib
-import platform
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from experiments import config as config_lib
 from experiments import data
+from experiments import input_pipeline
 from experiments import optimizers
+from experiments import reporting
 from experiments import train as train_lib
 from experiments.configs import mnist1d as mnist1d_config
 
@@ -70,7 +71,9 @@ def run_name(optimizer: str, micro_batch_size: int | None) -> str:
       f"{optimizer}(m={micro_batch_size})")
 
 
-def run_configs(settings: Settings) -> list[tuple[str, train_lib.TrainConfig]]:
+def run_configs(
+    settings: Settings,
+) -> list[tuple[str, config_lib.TrainConfig]]:
   """``(name, config)`` for every optimizer (and m), seed 0."""
   runs = []
   m_sam_implementation = "unrolled" if jax.default_backend() == "cpu" else (
@@ -97,9 +100,8 @@ def run_configs(settings: Settings) -> list[tuple[str, train_lib.TrainConfig]]:
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
-  values = np.asarray(values, np.float64)
-  return {"mean": float(values.mean()),
-          "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+  mean, std = reporting.mean_std(values)
+  return {"mean": mean, "std": std}
 
 
 def summarize(
@@ -110,7 +112,7 @@ def summarize(
   for name, results in runs.items():
     accuracies = [r.history[-1]["test_accuracy"] for r in results]
     train_accuracies = [r.history[-1]["train_accuracy"] for r in results]
-    seconds = [train_lib.summary_seconds_per_epoch(r.history) for r in results]
+    seconds = [reporting.seconds_per_epoch(r.history) for r in results]
     summary[name] = {
         "test_accuracy": _summary(accuracies),
         "train_accuracy_noisy_labels": _summary(train_accuracies),
@@ -130,18 +132,11 @@ def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
            "s / epoch")]
   for name, entry in summary.items():
     test, noisy = entry["test_accuracy"], entry["train_accuracy_noisy_labels"]
-    rows.append((name, f"{100 * test['mean']:.2f} ± {100 * test['std']:.2f}",
+    rows.append((name,
+                 reporting.format_mean_std(test["mean"], test["std"], 100.0),
                  f"{100 * noisy['mean']:.1f}",
                  f"{entry['seconds_per_epoch']:.3f}"))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = [header]
-  for index, row in enumerate(rows):
-    lines.append("  ".join(
-        cell.ljust(width) if i == 0 else cell.rjust(width)
-        for i, (cell, width) in enumerate(zip(row, widths))))
-    if index == 0:
-      lines.append("  ".join("-" * width for width in widths))
-  return "\n".join(lines)
+  return reporting.text_table(header, rows)
 
 
 def plot(
@@ -200,23 +195,15 @@ def plot(
   plt.close(figure)
 
 
-def machine() -> dict[str, Any]:
-  """Where the numbers come from."""
-  return {"platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()],
-          "jax": jax.__version__}
-
-
 def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   """Trains every run of ``settings``; returns what ``results.json`` holds."""
-  unknown = set(settings.optimizers) - set(optimizers.available())
+  unknown = set(settings.optimizers) - set(optimizers.VARIANTS)
   if unknown:
     raise ValueError(
-        f"this sam_optax lacks {sorted(unknown)}; available:"
-        f" {optimizers.available()}.")
+        f"unknown optimizers {sorted(unknown)}; choose from"
+        f" {list(optimizers.VARIANTS)}.")
   configs = run_configs(settings)
-  splits = train_lib.load_data(configs[0][1])
+  splits = input_pipeline.load_data(configs[0][1])
   if settings.train_examples is not None:
     splits = splits._replace(train=data.ArrayDataset(
         *(x[: settings.train_examples] for x in splits.train)))
@@ -236,7 +223,7 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   summary = summarize(results)
   return {
       "settings": dataclasses.asdict(settings),
-      "machine": machine(),
+      "machine": reporting.machine(),
       "wall_seconds": time.perf_counter() - start,
       "summary": summary,
       "runs": {name: [{"config": r.config.to_dict(), "history": r.history}
@@ -244,7 +231,8 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   }
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def parse_ints(text: str) -> tuple[int, ...]:
+  """``"0,1,2"`` as ``(0, 1, 2)``."""
   return tuple(int(x) for x in text.split(",") if x)
 
 
@@ -264,9 +252,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
   parser.add_argument("--full", action="store_true",
                       help=f"more seeds for tighter numbers: {FULL}.")
   parser.add_argument("--epochs", type=int)
-  parser.add_argument("--seeds", type=_ints, help="e.g. 0,1,2")
+  parser.add_argument("--seeds", type=parse_ints, help="e.g. 0,1,2")
   parser.add_argument("--label-noise", type=float)
-  parser.add_argument("--micro-batch-sizes", type=_ints, help="e.g. 32,16,8")
+  parser.add_argument("--micro-batch-sizes", type=parse_ints, help="e.g. 32,16,8")
   parser.add_argument("--optimizers",
                       type=lambda text: tuple(text.split(",")),
                       help=f"e.g. {','.join(defaults.optimizers)}")
@@ -289,13 +277,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   settings = parse_settings(argv)
   results = run(settings)
-  output = pathlib.Path(settings.output_dir)
-  output.mkdir(parents=True, exist_ok=True)
-  (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-  plot(results["summary"], settings, output / "accuracy.png")
+  path = reporting.write_results(results, settings.output_dir)
+  figure = path.parent / "accuracy.png"
+  plot(results["summary"], settings, figure)
   print(format_table(results["summary"], settings))
-  print(f"{results['wall_seconds']:.0f} s in all; wrote"
-        f" {output / 'results.json'} and {output / 'accuracy.png'}")
+  print(f"{results['wall_seconds']:.0f} s in all; wrote {path} and {figure}")
   return results
 
 

@@ -26,8 +26,6 @@ paper (2509.18001, Table 6: CIFAR-100, ResNet-18) reports ``tr Σ`` of 572
 import argparse
 from collections.abc import Sequence
 import dataclasses
-import json
-import pathlib
 import time
 from typing import Any
 
@@ -35,7 +33,9 @@ import jax
 import numpy as np
 
 from experiments import compare
-from experiments import nnx_glue
+from experiments import config as config_lib
+from experiments import input_pipeline
+from experiments import reporting
 from experiments import train as train_lib
 from experiments.configs import mnist1d as mnist1d_config
 from sam_optax import diagnostics
@@ -59,7 +59,9 @@ class Settings:
   output_dir: str = "outputs/noise_trace"
 
 
-def run_configs(settings: Settings) -> list[tuple[str, train_lib.TrainConfig]]:
+def run_configs(
+    settings: Settings,
+) -> list[tuple[str, config_lib.TrainConfig]]:
   """SGD, SAM, m-SAM and RW-SAM: the main job's MNIST-1D runs, seed 0."""
   compare_settings = compare.Settings(
       epochs=settings.epochs, seeds=settings.seeds,
@@ -69,29 +71,6 @@ def run_configs(settings: Settings) -> list[tuple[str, train_lib.TrainConfig]]:
       rho=mnist1d_config.RHO.get("sam", 0.05),
   )
   return compare.run_configs(compare_settings)
-
-
-def diagnostic_loss_fn(
-    result: train_lib.RunResult, num_classes: int, steps_per_epoch: int
-) -> Any:
-  """The trained model's per-example ``loss_fn(params, batch)``.
-
-  Evaluation mode (BatchNorm, if any, on its running statistics), no
-  augmentation: each example's loss, and so its gradient, is its own.
-  """
-  config = result.config
-  steps = train_lib.build_steps(config, num_classes,
-                                config.epochs * steps_per_epoch)
-  _, preprocess = train_lib.input_pipeline(config)
-  model_loss = nnx_glue.pure_loss_fn(
-      steps.split.eval_graphdef, result.train_state.state,
-      train_lib.per_example_loss, has_aux=True)
-
-  def loss_fn(params, batch):
-    return model_loss(params, {"inputs": preprocess(batch["inputs"]),
-                               "labels": batch["labels"]})
-
-  return loss_fn
 
 
 def measure(
@@ -123,16 +102,10 @@ def measure(
   return values
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  values = np.asarray(values, np.float64)
-  return (float(values.mean()),
-          float(values.std(ddof=1)) if len(values) > 1 else 0.0)
-
-
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
   keys = ("noise_trace", "hessian_trace", "top_eigenvalue",
           "gradient_sq_norm", "train_loss", "train_accuracy", "test_accuracy")
-  return {name: {key: _mean_std([run[key] for run in seeds])
+  return {name: {key: reporting.mean_std([run[key] for run in seeds])
                  for key in keys}
           for name, seeds in runs.items()}
 
@@ -146,8 +119,8 @@ def format_table(summary: dict[str, Any], settings: Settings,
   rows = [("optimizer", "tr Σ", "tr H", "λ_max", "‖∇L‖²", "train loss",
            "test acc. %", "paper tr Σ (C100, R18)")]
   for name, entry in summary.items():
-    cell = lambda key, scale=1.0, form=".2f": (
-        f"{scale * entry[key][0]:{form}} ± {scale * entry[key][1]:{form}}")
+    cell = lambda key, scale=1.0, form=".2f": reporting.format_mean_std(
+        *entry[key], scale, form)
     paper = PAPER_TABLE6.get(name)
     rows.append((name, cell("noise_trace", form=".3f"),
                  cell("hessian_trace"), cell("top_eigenvalue", form=".3f"),
@@ -155,41 +128,30 @@ def format_table(summary: dict[str, Any], settings: Settings,
                  cell("train_loss", form=".4f"),
                  cell("test_accuracy", 100.0, ".1f"),
                  f"{paper:.0f}" if paper else ""))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = [header]
-  for index, row in enumerate(rows):
-    lines.append("  ".join(
-        cell.ljust(width) if i == 0 else cell.rjust(width)
-        for i, (cell, width) in enumerate(zip(row, widths))))
-    if index == 0:
-      lines.append("  ".join("-" * width for width in widths))
-  return "\n".join(lines)
+  return reporting.text_table(header, rows)
 
 
 def run(settings: Settings) -> dict[str, Any]:
   """Trains every optimizer and seed, and measures each final model."""
   configs = run_configs(settings)
-  splits = train_lib.load_data(configs[0][1])
+  splits = input_pipeline.load_data(configs[0][1])
   train_set = splits.train
   examples = min(settings.examples or train_set.size, train_set.size)
   dataset = {"inputs": train_set.inputs[:examples],
              "labels": train_set.labels[:examples]}
-  steps_per_epoch = train_set.size // configs[0][1].batch_size
   start = time.perf_counter()
   runs: dict[str, list[dict[str, Any]]] = {}
   for name, config in configs:
     for seed in settings.seeds:
       result = train_lib.train(dataclasses.replace(config, seed=seed),
                                splits=splits, progress=False)
-      loss_fn = diagnostic_loss_fn(result, splits.num_classes,
-                                   steps_per_epoch)
-      values = measure(loss_fn, result.train_state.params, dataset, settings,
-                       jax.random.key(seed))
+      values = measure(result.eval_loss_fn, result.train_state.params,
+                       dataset, settings, jax.random.key(seed))
       last = result.history[-1]
       values.update(train_loss=last["train_loss"],
                     train_accuracy=last["train_accuracy"],
                     test_accuracy=last["test_accuracy"],
-                    seconds_per_epoch=train_lib.summary_seconds_per_epoch(
+                    seconds_per_epoch=reporting.seconds_per_epoch(
                         result.history),
                     seed=seed)
       print(f"{name} seed {seed}: " + ", ".join(
@@ -198,7 +160,7 @@ def run(settings: Settings) -> dict[str, Any]:
   return {
       "settings": dataclasses.asdict(settings),
       "examples": examples,
-      "machine": compare.machine(),
+      "machine": reporting.machine(),
       "wall_seconds": time.perf_counter() - start,
       "summary": summarize(runs),
       "runs": runs,
@@ -210,9 +172,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
       prog="python -m experiments.noise_trace",
       description=__doc__.split("\n")[0])
   parser.add_argument("--epochs", type=int)
-  parser.add_argument(
-      "--seeds", help="e.g. 0,1,2",
-      type=lambda text: tuple(int(x) for x in text.split(",") if x))
+  parser.add_argument("--seeds", type=compare.parse_ints, help="e.g. 0,1,2")
   parser.add_argument("--label-noise", type=float)
   parser.add_argument("--micro-batch-size", type=int, help="m-SAM's m.")
   parser.add_argument("--examples", type=int,
@@ -230,12 +190,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   settings = parse_settings(argv)
   results = run(settings)
-  output = pathlib.Path(settings.output_dir)
-  output.mkdir(parents=True, exist_ok=True)
-  (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+  path = reporting.write_results(results, settings.output_dir)
   print(format_table(results["summary"], settings, results["examples"]))
-  print(f"{results['wall_seconds']:.0f} s in all; wrote"
-        f" {output / 'results.json'}")
+  print(f"{results['wall_seconds']:.0f} s in all; wrote {path}")
   return results
 
 

@@ -4,19 +4,18 @@ Every optimizer is ``optax.chain(variant, add_decayed_weights, sgd)`` with
 momentum and a cosine learning-rate schedule, as in the papers (weight decay
 belongs to the base optimizer, never to the ascent step). ``variant`` is one
 entry of :data:`VARIANTS`, a ``sam_optax`` function called with the options
-of :class:`OptimizerConfig`; plain SGD uses ``optax.identity()``. The train
-step calls every one the same way::
+of :class:`experiments.config.OptimizerConfig`; plain SGD uses
+``optax.identity()``. The train step calls every one the same way::
 
   updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
                                  batch=batch, key=key)
 """
 
-from collections.abc import Callable, Mapping
-import dataclasses
-from typing import Any
+from collections.abc import Callable
 
 import optax
 
+from experiments import config as config_lib
 import sam_optax
 
 VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs] | None] = {
@@ -33,37 +32,9 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs] | None]
 (None: plain SGD)."""
 
 
-@dataclasses.dataclass
-class OptimizerConfig:
-  """SGD with momentum, weight decay and a cosine schedule, and a variant.
-
-  Attributes:
-    name: a key of :data:`VARIANTS`.
-    learning_rate: the initial learning rate of the cosine schedule.
-    momentum: SGD's momentum (PyTorch's convention: heavy ball, no dampening).
-    nesterov: Nesterov momentum.
-    weight_decay: L2 weight decay added to the gradient the variant returns.
-    rho: the variant's radius ``ρ`` (unused by SGD).
-    options: further keyword arguments of the variant, e.g.
-      ``{"micro_batch_size": 16}`` for ``m_sam``, ``{"lam": 0.5}`` for
-      ``rw_sam``, ``{"eta": 0.01}`` for ``asam``.
-  """
-
-  name: str = "sgd"
-  learning_rate: float = 0.1
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 5e-4
-  rho: float = 0.05
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def available() -> list[str]:
-  """The optimizer names."""
-  return list(VARIANTS)
-
-
-def variant(config: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
+def variant(
+    config: config_lib.OptimizerConfig,
+) -> optax.GradientTransformationExtraArgs:
   """The SAM-family transform of ``config`` (``optax.identity()`` for SGD)."""
   if config.name not in VARIANTS:
     raise ValueError(
@@ -77,14 +48,14 @@ def variant(config: OptimizerConfig) -> optax.GradientTransformationExtraArgs:
 
 
 def learning_rate_schedule(
-    config: OptimizerConfig, total_steps: int
+    config: config_lib.OptimizerConfig, total_steps: int
 ) -> optax.Schedule:
   """Cosine decay from ``learning_rate`` to 0 over ``total_steps``."""
   return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
 
 
 def make_optimizer(
-    config: OptimizerConfig, total_steps: int
+    config: config_lib.OptimizerConfig, total_steps: int
 ) -> optax.GradientTransformationExtraArgs:
   """``chain(variant, add_decayed_weights, sgd(cosine, momentum))``.
 

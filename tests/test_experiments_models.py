@@ -9,10 +9,11 @@ import optax
 import pytest
 
 import sam_optax
+from experiments import config as config_lib
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
-from experiments import train
+from experiments import steps
 
 BATCH = 8
 
@@ -48,11 +49,11 @@ def _compiled(family, optimizer):
   """The split model and jitted step, built once per (family, optimizer)."""
   build, shape = FAMILIES[family]
   split = nnx_glue.split(build(nnx.Rngs(0)))
-  config = optimizers.OptimizerConfig(
+  config = config_lib.OptimizerConfig(
       name=optimizer, learning_rate=0.05, rho=0.05,
       options=OPTIONS.get(optimizer, {}))
   tx = optimizers.make_optimizer(config, 10)
-  step = train.make_train_step(split.graphdef, tx, lambda x, key: x)
+  step = steps.make_train_step(split.graphdef, tx, lambda x, key: x)
   return split, tx, step, shape
 
 
@@ -60,7 +61,7 @@ def _setup(family, optimizer):
   split, tx, step, shape = _compiled(family, optimizer)
   # Fresh buffers each time: the step donates its input state.
   params, state = jax.tree.map(jnp.copy, (split.params, split.state))
-  train_state = train.TrainState(jnp.zeros([], jnp.int32), params, state,
+  train_state = steps.TrainState(jnp.zeros([], jnp.int32), params, state,
                                  tx.init(params))
   return split, step, train_state, shape
 
@@ -205,9 +206,9 @@ def test_model_sizes_match_the_papers_architectures():
 def test_full_size_models_take_a_sam_step(name):
   split = nnx_glue.split(models.create_model(name, 10))
   tx = optimizers.make_optimizer(
-      optimizers.OptimizerConfig(name="sam", rho=0.05), 10)
-  step = train.make_train_step(split.graphdef, tx, lambda x, key: x)
-  state = train.TrainState(jnp.zeros([], jnp.int32), split.params, split.state,
+      config_lib.OptimizerConfig(name="sam", rho=0.05), 10)
+  step = steps.make_train_step(split.graphdef, tx, lambda x, key: x)
+  state = steps.TrainState(jnp.zeros([], jnp.int32), split.params, split.state,
                            tx.init(split.params))
   state, metrics = step(state, _batch((2, 8, 8, 3)), jax.random.key(0))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

@@ -1,5 +1,6 @@
 """experiments.train, the configs and the main job (experiments.compare)."""
 
+import copy
 import dataclasses
 import json
 import types
@@ -10,9 +11,13 @@ import pytest
 
 import sam_optax
 from experiments import compare
+from experiments import config as config_lib
 from experiments import configs
 from experiments import data
+from experiments import input_pipeline
+from experiments import models
 from experiments import optimizers
+from experiments import steps
 from experiments import train
 
 
@@ -65,7 +70,15 @@ def test_a_killed_run_resumes_to_the_result_of_an_unbroken_one(tmp_path):
                 splits=splits, progress=False)
 
 
-def test_seeds_are_deterministic_and_distinct():
+def test_seeds_are_deterministic_and_distinct(monkeypatch):
+  built = []  # the seed of every model built
+  create_model = models.create_model
+
+  def counting_create_model(*args, **kwargs):
+    built.append(kwargs["seed"])
+    return create_model(*args, **kwargs)
+
+  monkeypatch.setattr(models, "create_model", counting_create_model)
   splits = _small_mnist1d()
   config = dataclasses.replace(configs.get_config("mnist1d:sam"), epochs=1,
                                batch_size=64)
@@ -75,6 +88,24 @@ def test_seeds_are_deterministic_and_distinct():
                   progress=False)
   assert _same_history(a.history, b.history)
   assert not _same_history(a.history, c.history)
+  assert built == [0, 0, 1]  # one model a run
+
+
+def test_runs_that_differ_only_in_seed_share_their_steps():
+  config = configs.get_config("mnist1d:m_sam")
+  preprocessing = input_pipeline.preprocessing("mnist1d", True)
+
+  def build(seed, optimizer):
+    return steps.build_steps(train.build_model(config, 10, seed), optimizer,
+                             preprocessing, 100)
+
+  first = build(0, config.optimizer)
+  assert build(1, copy.deepcopy(config.optimizer)) is first
+  assert build(0, dataclasses.replace(config.optimizer, rho=0.1)) is not first
+  # A configuration is a fresh copy: editing one leaves the table alone.
+  config.optimizer.options["micro_batch_size"] = 4
+  assert configs.get_config("mnist1d:m_sam").optimizer.options[
+      "micro_batch_size"] == 16
 
 
 def test_command_line_writes_config_metrics_and_checkpoints(tmp_path, capsys):
@@ -97,7 +128,8 @@ def test_command_line_writes_config_metrics_and_checkpoints(tmp_path, capsys):
   train.main(["--config", "table7", "--list"])
   assert "table7:m_sam,8" in capsys.readouterr().out
   with pytest.raises(ValueError, match="unknown configuration key"):
-    train.apply_overrides(train.TrainConfig(), ["optimizer.radius=1"])
+    config_lib.apply_overrides(config_lib.TrainConfig(),
+                               ["optimizer.radius=1"])
 
 
 def test_every_row_of_every_table_is_a_valid_configuration():
@@ -107,7 +139,7 @@ def test_every_row_of_every_table_is_a_valid_configuration():
     for row in rows:
       config = configs.get_config(row)
       assert config.optimizer.name in optimizers.VARIANTS
-      assert train.TrainConfig.from_dict(config.to_dict()) == config
+      assert config_lib.TrainConfig.from_dict(config.to_dict()) == config
   table1 = {row: configs.get_config(row) for row in configs.rows("table1")}
   assert len(table1) == 18
   assert table1["table1:cifar10,resnet18,sgd"].epochs == 400
@@ -146,8 +178,9 @@ def test_paper_tables_run_on_mock_cifar(row, tmp_path):
       noise_trace_examples=min(config.noise_trace_examples, 16))
   with tfds.testing.mock_data(num_examples=16):
     result = train.train(config, tmp_path, progress=False)
-    noisy = train.load_data(config)
-    clean = train.load_data(dataclasses.replace(config, label_noise=0.0))
+    noisy = input_pipeline.load_data(config)
+    clean = input_pipeline.load_data(
+        dataclasses.replace(config, label_noise=0.0))
   (line,) = result.history
   assert line["step"] == 2 and np.isfinite(line["train_loss"])
   assert 0.0 <= line["test_accuracy"] <= 1.0

@@ -17,7 +17,7 @@ Seeds are not part of a row: override them (``--set seed=1``).
 
 import importlib
 
-from experiments.train import TrainConfig
+from experiments import config as config_lib
 
 TABLES = ("mnist1d", "table1", "table4", "table5", "table6", "table7")
 
@@ -28,7 +28,7 @@ def _module(table: str):
   return importlib.import_module(f"experiments.configs.{table}")
 
 
-def get_config(spec: str) -> TrainConfig:
+def get_config(spec: str) -> config_lib.TrainConfig:
   """The configuration ``TABLE`` or ``TABLE:ROW``."""
   table, _, row = spec.partition(":")
   return _module(table).get_config(row or None)

@@ -10,8 +10,7 @@ so RW-SAM calibrates ``σ`` on the initial model, as the paper does
 
 from typing import Any
 
-from experiments import optimizers
-from experiments.train import TrainConfig
+from experiments import config as config_lib
 
 RHO = {"cifar10": 0.05, "cifar100": 0.1}
 EPOCHS = {"sgd": 400}
@@ -28,13 +27,13 @@ def options(optimizer: str, **extra: Any) -> dict[str, Any]:
 
 def cifar_config(
     dataset: str, model: str, optimizer: str, **overrides: Any
-) -> TrainConfig:
+) -> config_lib.TrainConfig:
   """One run of the paper's CIFAR setup; ``overrides`` replace fields."""
   option_overrides = overrides.pop("options", {})
-  config = TrainConfig(
+  config = config_lib.TrainConfig(
       dataset=dataset,
       model=model,
-      optimizer=optimizers.OptimizerConfig(
+      optimizer=config_lib.OptimizerConfig(
           name=optimizer, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
           rho=RHO[dataset], options=options(optimizer, **option_overrides)),
       epochs=EPOCHS.get(optimizer, DEFAULT_EPOCHS),

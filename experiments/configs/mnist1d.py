@@ -8,8 +8,7 @@ USAM (its perturbation ``ρ g`` shrinks with the gradient). The main job
 (``python -m experiments.compare``) adds label noise and sweeps m.
 """
 
-from experiments import optimizers
-from experiments.train import TrainConfig
+from experiments import config as config_lib
 
 OPTIONS = {
     "sgd": {},
@@ -28,16 +27,17 @@ def rows() -> list[str]:
   return list(OPTIONS)
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   name = row or "sgd"
   if name not in OPTIONS:
     raise ValueError(f"mnist1d: unknown row {name!r}; use one of {rows()}.")
-  return TrainConfig(
+  return config_lib.TrainConfig(
       dataset="mnist1d",
       model="cnn1d",
-      optimizer=optimizers.OptimizerConfig(
+      optimizer=config_lib.OptimizerConfig(
           name=name, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
-          rho=RHO.get(name, 0.05), options=OPTIONS[name]),
+          rho=RHO.get(name, 0.05),
+          options=dict(OPTIONS[name])),  # a copy: callers may edit theirs
       epochs=60,
       batch_size=128,
       checkpoint_every=10,

@@ -9,8 +9,8 @@ ResNet-18 95.62/95.99/96.24 (C10), 78.91/78.90/79.31 (C100); ResNet-50
 
 import itertools
 
+from experiments import config as config_lib
 from experiments.configs import _paper
-from experiments.train import TrainConfig
 
 DATASETS = ("cifar10", "cifar100")
 MODELS = ("resnet18", "resnet50", "wrn28_10")
@@ -22,7 +22,7 @@ def rows() -> list[str]:
           itertools.product(DATASETS, MODELS, OPTIMIZERS)]
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   dataset, model, optimizer = _paper.parse_row(
       row, ("dataset", "model", "optimizer"), "table1",
       "cifar10,resnet18,sam")

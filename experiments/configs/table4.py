@@ -10,8 +10,8 @@ every run); the test labels are clean. The paper, SGD / SAM / RW-SAM: 20%
 
 import itertools
 
+from experiments import config as config_lib
 from experiments.configs import _paper
-from experiments.train import TrainConfig
 
 RATES = ("0.2", "0.4", "0.6", "0.8")
 OPTIMIZERS = ("sgd", "sam", "rw_sam")
@@ -21,7 +21,7 @@ def rows() -> list[str]:
   return [",".join(row) for row in itertools.product(RATES, OPTIMIZERS)]
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   rate, optimizer = _paper.parse_row(row, ("rate", "optimizer"), "table4",
                                      "0.8,rw_sam")
   if rate not in RATES or optimizer not in OPTIMIZERS:

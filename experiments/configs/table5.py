@@ -4,8 +4,8 @@ Rows ``λ``: ``table5:0.25`` ... ``table5:2``. The paper: λ = 0.25 / 0.5 / 1 / 
 gives 79.09 / 79.31 / 79.12 / 79.03 (SAM 78.90, SGD 78.91).
 """
 
+from experiments import config as config_lib
 from experiments.configs import _paper
-from experiments.train import TrainConfig
 
 LAMBDAS = ("0.25", "0.5", "1", "2")
 
@@ -14,7 +14,7 @@ def rows() -> list[str]:
   return list(LAMBDAS)
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   lam = row or "0.5"
   if lam not in LAMBDAS:
     raise ValueError(f"table5: unknown row {row!r}; rows: {rows()}.")

@@ -6,8 +6,8 @@ BatchNorm on running statistics; ``sam_optax.diagnostics.gradient_noise``)
 and written to ``noise_trace.json``. The paper: SGD 572, SAM 198, RW-SAM 178.
 """
 
+from experiments import config as config_lib
 from experiments.configs import _paper
-from experiments.train import TrainConfig
 
 OPTIMIZERS = ("sgd", "sam", "rw_sam")
 EXAMPLES = 10_000
@@ -17,7 +17,7 @@ def rows() -> list[str]:
   return list(OPTIMIZERS)
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   optimizer = row or "rw_sam"
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"table6: unknown row {row!r}; rows: {rows()}.")

@@ -10,8 +10,8 @@ time is in ``metrics.jsonl`` (``epoch_seconds``). The paper: SAM 78.90
 (``implementation="vmap"``, the GPU form), not in a sequential loop.
 """
 
+from experiments import config as config_lib
 from experiments.configs import _paper
-from experiments.train import TrainConfig
 
 MICRO_BATCH_SIZES = ("64", "32", "16", "8")
 
@@ -22,7 +22,7 @@ def rows() -> list[str]:
           + [f"m_usam,{m}" for m in MICRO_BATCH_SIZES])
 
 
-def get_config(row: str | None = None) -> TrainConfig:
+def get_config(row: str | None = None) -> config_lib.TrainConfig:
   row = row or "m_sam,16"
   if row not in rows():
     raise ValueError(f"table7: unknown row {row!r}; rows: {rows()}.")
