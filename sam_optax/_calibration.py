@@ -64,6 +64,7 @@ def calibrate_sigma(
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     chunk_size: int | None = None,
+    per_example_gradients: _per_example.PerExampleGradients = "auto",
 ) -> SigmaCalibration:
   """Picks the probe scale ``σ`` by comparison with exact per-example gradients.
 
@@ -93,11 +94,20 @@ def calibrate_sigma(
     probe_in_float32: as in
       :func:`sam_optax.finite_difference_gradient_norms`.
     chunk_size: as in :func:`sam_optax.per_example_gradient_norms`.
+    per_example_gradients: how the exact ``∇ℓ_i`` are taken, as in
+      :func:`sam_optax.per_example_gradient_norms`. ``"auto"`` (the default)
+      takes rows of the Jacobian of the loss vector for a coupled
+      ``loss_fn`` (a :mod:`sam_optax.flax` loss of a model with BatchNorm or
+      dropout in training mode), so that a BatchNorm model's ``σ`` is picked against what the
+      probe measures: example ``i``'s term of the batch's loss, batch
+      statistics included, not its loss in a batch of one.
 
   Returns:
     A :class:`SigmaCalibration`.
   """
   name = "calibrate_sigma"
+  method = _per_example.resolve_per_example_gradients(
+      per_example_gradients, loss_fn, name)
   if not candidates:
     raise ValueError(f"{name}: candidates must not be empty.")
   for sigma in candidates:
@@ -117,7 +127,8 @@ def calibrate_sigma(
     return optax.tree.norm(gradient), directional
 
   exact_norms, exact_directional = _per_example.map_per_example_gradients(
-      exact_metrics, loss_fn, probe_params, batch, chunk_size=chunk_size)
+      exact_metrics, loss_fn, probe_params, batch, chunk_size=chunk_size,
+      per_example_gradients=method)
   exact_directional = exact_directional.T  # [K, B]
   losses = _gradient_norms.losses_float32(loss_fn, probe_params, batch)
 

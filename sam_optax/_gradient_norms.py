@@ -206,15 +206,40 @@ def per_example_gradient_norms(
     batch: Any,
     *,
     chunk_size: int | None = None,
+    per_example_gradients: _per_example.PerExampleGradients = "auto",
 ) -> jax.Array:
   """The exact ``‖∇ℓ_i(w)‖`` for every example (float32, shape ``[B]``).
 
-  A ``vmap`` of ``grad`` over examples (``optax.microbatching.micro_grad``):
-  ``loss_fn`` sees each example as a batch of one, so a model whose loss
-  depends on the whole batch (batch-norm statistics) gets batch-of-one
-  gradients. It holds ``chunk_size × d`` gradient entries at a time
-  (``B × d`` by default) and costs ``B`` backward passes: use it to validate
-  and calibrate, not in every step.
+  With ``per_example_gradients="batch_of_one"``, a ``vmap`` of ``grad`` over
+  examples (``optax.microbatching.micro_grad``): ``loss_fn`` sees each example
+  as a batch of one, ``B`` backward passes of one example. With
+  ``"jacobian"``, ``∇ℓ_i`` is row ``i`` of the Jacobian of
+  ``loss_fn(params, batch)``: example ``i``'s term of the batch's loss, with
+  BatchNorm's statistics (and dropout masks) of the whole batch, the quantity
+  :func:`finite_difference_gradient_norms` estimates for such a model; it
+  costs ``B`` backward passes of the whole batch. ``"auto"`` (the default)
+  takes ``"jacobian"`` for a ``loss_fn`` whose attribute
+  ``couples_examples`` is true (those of :mod:`sam_optax.flax` for models
+  with BatchNorm or dropout in training mode), ``"batch_of_one"`` otherwise; the two agree
+  when no example's loss depends on the others. It holds ``chunk_size × d``
+  gradient entries at a time (``B × d`` by default): use it to validate and
+  calibrate, not in every step.
+
+  >>> import jax, jax.numpy as jnp, sam_optax
+  >>> square_loss = lambda w, x: (x @ w) ** 2      # ℓ_i depends on x_i alone
+  >>> w, x = jnp.ones(3), jnp.arange(12.0).reshape(4, 3)
+  >>> one = sam_optax.per_example_gradient_norms(square_loss, w, x)
+  >>> rows = sam_optax.per_example_gradient_norms(
+  ...     square_loss, w, x, per_example_gradients="jacobian")
+  >>> bool(jnp.allclose(one, rows))
+  True
+  >>> def centered_loss(w, x):                    # couples examples, as BatchNorm
+  ...   return square_loss(w, x - x.mean(axis=0))
+  >>> centered_loss.couples_examples = True       # so "auto" takes Jacobian rows
+  >>> rows = sam_optax.per_example_gradient_norms(centered_loss, w, x)
+  >>> bool(jnp.allclose(rows, jnp.linalg.norm(
+  ...     jax.jacrev(centered_loss)(w, x), axis=1)))
+  True
 
   Args:
     loss_fn: ``loss_fn(params, batch)``, per-example losses of shape ``[B]``.
@@ -222,9 +247,13 @@ def per_example_gradient_norms(
     batch: the batch.
     chunk_size: examples per vectorized chunk (must divide ``B``), or None
       for all at once.
+    per_example_gradients: ``"auto"``, ``"batch_of_one"`` or ``"jacobian"``.
   """
   name = "per_example_gradient_norms"
+  method = _per_example.resolve_per_example_gradients(
+      per_example_gradients, loss_fn, name)
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
   chunk_size = _per_example.check_chunk_size(chunk_size, size, name)
   return _per_example.map_per_example_gradients(
-      _perturbation.global_norm, loss_fn, params, batch, chunk_size=chunk_size)
+      _perturbation.global_norm, loss_fn, params, batch, chunk_size=chunk_size,
+      per_example_gradients=method)

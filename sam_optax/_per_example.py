@@ -1,21 +1,52 @@
-"""Per-example gradients and Rademacher probes, shared by RW-SAM and diagnostics.
+r"""Per-example gradients and Rademacher probes, shared by RW-SAM and diagnostics.
 
 Per-example gradients ``∇ℓ_i(w)`` are never summed here: each is mapped to a
 small result (its norm, its squared distance to a mean, its products with
-probes) inside ``optax.microbatching.micro_grad``, a ``vmap`` of ``grad`` in
-which ``loss_fn`` sees each example as a batch of one. So a model whose loss
-depends on the whole batch (batch-norm statistics) gets batch-of-one
-gradients.
+probes) as soon as it is computed. There are two ways to take them, chosen by
+``per_example_gradients``:
+
+* ``"batch_of_one"``: ``loss_fn`` sees each example alone, as a batch of one
+  (``optax.microbatching.micro_grad``, a ``vmap`` of ``grad``). Cheap: ``B``
+  backward passes of one example each.
+* ``"jacobian"``: ``∇ℓ_i`` is row ``i`` of the Jacobian of the loss vector
+  ``loss_fn(params, batch)`` (shape ``[B]``): example ``i``'s term of the
+  batch's loss, with everything the batch shares (BatchNorm's statistics in
+  training mode, dropout masks drawn for the whole batch) computed from the
+  whole batch at ``w`` and differentiated through, not held fixed: the probe
+  pass recomputes them at ``w + σv``, so that is what it measures.
+
+  .. math::
+    J_{i\cdot} = \nabla_w\, \ell_i(w;\ x_1, \dots, x_B) = e_i^\top J,
+    \qquad J = \partial\, \mathrm{loss\_fn}(w, \mathrm{batch}) / \partial w,
+
+  one forward pass and a VJP per example (``vmap`` over the one-hot
+  cotangents ``e_i``): ``B`` backward passes of the *whole* batch, ``B`` times
+  the cost of ``"batch_of_one"``.
+
+When no example's loss depends on the others (``ℓ_i(w; batch) =
+ℓ(w; x_i)``), the two are equal. When it does (a *coupled* loss: BatchNorm in
+training mode), only ``"jacobian"`` is what RW-SAM's finite-difference probe
+``(ℓ_i(w + σv; batch) − ℓ_i(w; batch))/σ ≈ v·∇ℓ_i`` estimates, since the probe
+pass runs the whole batch too. ``"auto"`` (the default everywhere) takes
+``"jacobian"`` for a ``loss_fn`` whose attribute ``couples_examples`` is true
+(the loss functions of :mod:`sam_optax.flax` set it for models with BatchNorm
+or dropout in training mode) and ``"batch_of_one"`` otherwise, so a plain
+``loss_fn`` keeps the cheap route.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_optax import _contract
+
+PerExampleGradients = Literal["auto", "batch_of_one", "jacobian"]
+PER_EXAMPLE_GRADIENTS = ("auto", "batch_of_one", "jacobian")
+COUPLES_EXAMPLES = "couples_examples"
+"""The attribute of a ``loss_fn`` that declares it coupled (``"auto"``)."""
 
 
 def rademacher_like(key: jax.Array, tree: Any) -> Any:
@@ -34,6 +65,55 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   )
 
 
+def couples_examples(loss_fn: _contract.LossFn) -> bool:
+  """Whether ``loss_fn`` declares that an example's loss depends on the others.
+
+  It does through a true attribute ``couples_examples``, as the loss
+  functions of :mod:`sam_optax.flax` have for models with BatchNorm or
+  dropout in training mode; any function may set it
+  (``loss_fn.couples_examples = True``).
+  """
+  return bool(getattr(loss_fn, COUPLES_EXAMPLES, False))
+
+
+def resolve_per_example_gradients(
+    per_example_gradients: Any, loss_fn: _contract.LossFn, name: str
+) -> str:
+  """``"batch_of_one"`` or ``"jacobian"``: ``"auto"`` resolved for ``loss_fn``.
+
+  Raises:
+    ValueError: if ``per_example_gradients`` is not one of
+      ``"auto"``, ``"batch_of_one"``, ``"jacobian"``.
+  """
+  _contract.check_choice(per_example_gradients, PER_EXAMPLE_GRADIENTS,
+                         "per_example_gradients", name)
+  if per_example_gradients != "auto":
+    return per_example_gradients
+  return "jacobian" if couples_examples(loss_fn) else "batch_of_one"
+
+
+def _map_jacobian_rows(
+    fn: Callable[[Any], Any],
+    loss_fn: _contract.LossFn,
+    params: Any,
+    batch: Any,
+    chunk_size: int | None,
+) -> Any:
+  """``fn(e_iᵀ J)`` for every row of the Jacobian of the loss vector."""
+  losses, pullback = jax.vjp(
+      lambda p: loss_fn(p, batch).astype(jnp.float32), params)
+  size = losses.shape[0]
+
+  def row(i: jax.Array) -> Any:
+    (gradient,) = pullback(jax.nn.one_hot(i, size, dtype=jnp.float32))
+    return fn(optax.tree.cast(gradient, jnp.float32))
+
+  examples = jnp.arange(size)
+  if chunk_size is None:
+    return jax.vmap(row)(examples)
+  return jax.lax.map(row, examples, batch_size=chunk_size)
+
+
 def map_per_example_gradients(
     fn: Callable[[Any], Any],
     loss_fn: _contract.LossFn,
@@ -41,16 +121,25 @@ def map_per_example_gradients(
     batch: Any,
     *,
     chunk_size: int | None = None,
+    per_example_gradients: PerExampleGradients = "auto",
 ) -> Any:
   """``fn(∇ℓ_i(w))`` for every example ``i``, stacked along a leading axis.
 
   ``fn`` receives one example's gradient with float32 leaves shaped like
   ``params``. ``chunk_size`` examples are vectorized at once (it must divide
-  ``B``; None: all ``B``), so at most ``chunk_size`` gradients are held.
+  ``B``; None: all ``B``), so at most ``chunk_size`` gradients are held (and,
+  for ``"jacobian"``, ``chunk_size`` backward passes of the whole batch).
+  ``per_example_gradients`` chooses how ``∇ℓ_i`` is taken (see the module
+  docstring): ``"batch_of_one"``, ``"jacobian"``, or ``"auto"`` (the latter
+  for a ``loss_fn`` that declares :func:`couples_examples`).
 
   Returns:
     ``fn``'s outputs, each leaf with a leading axis of size ``B``.
   """
+  method = resolve_per_example_gradients(
+      per_example_gradients, loss_fn, "map_per_example_gradients")
+  if method == "jacobian":
+    return _map_jacobian_rows(fn, loss_fn, params, batch, chunk_size)
 
   def example_loss(p: Any, example: Any) -> jax.Array:
     # micro_grad hands each example over with a leading axis of size 1.

@@ -1,0 +1,152 @@
+"""An NNX model as the pure per-example ``loss_fn(params, batch)``.
+
+``nnx_loss_fn`` splits the model once into its static graph, the parameters
+(``wrt``) and the rest of its state, and returns a function that merges the
+parameters it is given into a *fresh copy* of that graph
+(``nnx.merge(..., copy=True)``): fresh ``Variable`` objects at the trace level
+of the call, so BatchNorm may update its statistics inside the transforms'
+``jax.grad``, ``jax.vjp`` and ``jax.vmap`` (merging the model's own variables
+there raises ``TraceContextError: Cannot mutate BatchStat from a different
+trace level``), and no update reaches the model. The merge runs when the
+step is traced, not when it runs.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from sam_optax import _contract
+from sam_optax import _per_example
+
+PerExampleLoss = Callable[[nnx.Module, Any], jax.Array]
+"""``per_example_loss(model, batch) -> losses [B]``."""
+
+
+def _draw_pass_streams(model: nnx.Module) -> nnx.Module:
+  """A copy of ``model`` whose RNG streams restart from fresh keys.
+
+  Each of the model's streams gives one key (which advances it, as one
+  Dropout call does); the copy's stream restarts from that key at count 0, so
+  every pass run on the copy's state draws the same masks, and no pass
+  repeats the clean pass's or another step's.
+  """
+  streams = {path: node for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.RngStream)}
+  copy = nnx.clone(model)
+  for path, node in nnx.iter_graph(copy):
+    if isinstance(node, nnx.RngStream):
+      node.key[...] = streams[path]()
+      node.count[...] = jnp.zeros_like(node.count[...])
+  return copy
+
+
+def _couples_examples(model: nnx.Module) -> bool:
+  """Whether ``model``, in its mode, makes an example's loss depend on others.
+
+  True if a layer normalizes with batch statistics
+  (``use_running_average=False``: BatchNorm in training mode) or is
+  stochastic (``deterministic=False``: Dropout in training mode, whose masks
+  are drawn for the whole batch); ``model.eval()`` turns both off.
+  """
+  return any(
+      getattr(node, "use_running_average", None) is False
+      or getattr(node, "deterministic", None) is False
+      for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module))
+
+
+def nnx_loss_fn(
+    model: nnx.Module,
+    per_example_loss: PerExampleLoss,
+    *,
+    wrt: Any = nnx.Param,
+) -> _contract.LossFn:
+  """The pure ``loss_fn(params, batch) -> [B]`` of an NNX model.
+
+  ``loss_fn(params, batch)`` is ``per_example_loss(model', batch)`` where
+  ``model'`` is a fresh copy of ``model`` with the variables ``wrt`` taken
+  from ``params`` (the ``nnx.State`` that ``nnx.Optimizer(..., wrt=wrt)``
+  passes to the transform, or ``nnx.state(model, wrt)``) and the rest of its
+  state as it stands. Build it in the train step, after the clean pass:
+
+  .. code-block:: python
+
+    @nnx.jit
+    def train_step(model, optimizer, batch, key):
+      grads = nnx.grad(lambda m: per_example_loss(m, batch).mean())(model)
+      loss_fn = sam_optax.flax.nnx_loss_fn(model, per_example_loss)
+      optimizer.update(model, grads, loss_fn=loss_fn, batch=batch, key=key)
+
+  * The model runs in its current mode. In training mode BatchNorm
+    normalizes with the statistics of the batch ``loss_fn`` is given (m-SAM's
+    micro-batches with their own), and every state update a call makes (the
+    running statistics) is discarded: the perturbed, probe and micro-batch
+    passes leave the model as it was, and only the clean pass, the step's
+    ``nnx.grad`` on the model, moves the running statistics.
+  * Dropout: ``nnx_loss_fn`` draws one key from each of the model's RNG
+    streams (advancing each as one Dropout call does), and every call of
+    ``loss_fn`` restarts the streams from those keys. So all the passes of
+    one step (SAM's perturbed gradient, RW-SAM's probes and the losses they
+    are compared with, m-SAM's micro-batches) use the same masks for batches
+    of the same shape (m-SAM's micro-batches get the same masks as one
+    another), and these masks are drawn independently of the clean pass's
+    (as in PyTorch SAM, where each forward pass draws its own) and of every
+    other step's.
+  * ``loss_fn.couples_examples`` is True if, in its current mode, the model
+    normalizes with batch statistics (a layer with
+    ``use_running_average=False``: BatchNorm in training mode) or is
+    stochastic (``deterministic=False``: Dropout in training mode): exact
+    per-example gradients (:func:`sam_optax.per_example_gradient_norms`,
+    :func:`sam_optax.calibrate_sigma`, ``rw_sam(gradient_norms="exact")``)
+    are then rows of the Jacobian of the loss vector, what RW-SAM's probe
+    estimates, instead of gradients on batches of one (see
+    ``per_example_gradients`` there). In eval mode it is False. Set the
+    attribute yourself for a layer that couples examples otherwise.
+
+  >>> from flax import nnx
+  >>> import jax, jax.numpy as jnp, optax, sam_optax, sam_optax.flax
+  >>> class Net(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.linear = nnx.Linear(3, 2, rngs=rngs)
+  ...     self.norm = nnx.BatchNorm(2, rngs=rngs)
+  ...     self.dropout = nnx.Dropout(0.5, rngs=rngs)
+  ...   def __call__(self, x):
+  ...     return self.dropout(self.norm(self.linear(x)))
+  >>> def per_example_loss(model, batch):
+  ...   return jnp.sum((model(batch["x"]) - batch["y"]) ** 2, axis=-1)
+  >>> model = Net(nnx.Rngs(0))
+  >>> batch = {"x": jnp.ones((4, 3)), "y": jnp.zeros((4, 2))}
+  >>> loss_fn = sam_optax.flax.nnx_loss_fn(model, per_example_loss)
+  >>> params = nnx.state(model, nnx.Param)
+  >>> loss_fn(params, batch).shape, loss_fn.couples_examples
+  ((4,), True)
+  >>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+  >>> bool(jnp.all(model.norm.mean[...] == 0))   # running statistics untouched
+  True
+  >>> bool(jnp.all(loss_fn(params, batch) == loss_fn(params, batch)))  # same masks
+  True
+
+  Args:
+    model: the NNX model, in the mode the passes should run in (training).
+      Its RNG streams advance by one key each; nothing else changes.
+    per_example_loss: ``per_example_loss(model, batch)``, the losses of the
+      batch's examples, shape ``[B]``; the same function as the clean pass's.
+    wrt: the filter of the variables ``params`` holds (``nnx.Param`` by
+      default), as given to ``nnx.Optimizer``.
+
+  Returns:
+    ``loss_fn(params, batch) -> [B]``, pure, with the attribute
+    ``couples_examples``.
+  """
+  passes = _draw_pass_streams(model)
+  graphdef, _, state = nnx.split(passes, wrt, ...)
+  coupled = _couples_examples(model)
+
+  def loss_fn(params: nnx.State, batch: Any) -> jax.Array:
+    return per_example_loss(nnx.merge(graphdef, params, state, copy=True),
+                            batch)
+
+  setattr(loss_fn, _per_example.COUPLES_EXAMPLES, coupled)
+  return loss_fn
