@@ -23,6 +23,7 @@ import optax
 from sam_optax import _asam
 from sam_optax import _contract
 from sam_optax import _gradient_norms
+from sam_optax import _per_example
 from sam_optax import _perturbation
 from sam_optax import _transform
 
@@ -154,6 +155,7 @@ def reweighted_ascent(
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     chunk_size: int | None = None,
+    per_example_gradients: _per_example.PerExampleGradients = "auto",
     name: str = "rw_sam",
 ) -> _transform.AscentDirection:
   """RW-SAM's ascent direction ``g_p = ∇ Σ_i p_i ℓ_i(w)``, ``p = softmax(ŝ/λ)``.
@@ -173,6 +175,9 @@ def reweighted_ascent(
   """
   _contract.check_choice(norm_scaling, NORM_SCALINGS, "norm_scaling", name)
   _contract.check_choice(score, SCORES, "score", name)
+  _contract.check_choice(per_example_gradients,
+                         _per_example.PER_EXAMPLE_GRADIENTS,
+                         "per_example_gradients", name)
   _contract.check_choice(gradient_norms, ("finite_difference", "exact"),
                          "gradient_norms", name)
   _contract.check_number(lam, "lam", name, above=0, allow_inf=True)
@@ -210,7 +215,8 @@ def reweighted_ascent(
     losses, pullback = jax.vjp(lambda p: loss_fn(p, batch), params)
     if gradient_norms == "exact":
       norms = _gradient_norms.per_example_gradient_norms(
-          loss_fn, params, batch, chunk_size=chunk_size)
+          loss_fn, params, batch, chunk_size=chunk_size,
+          per_example_gradients=per_example_gradients)
     else:
       norms = _gradient_norms.finite_difference_gradient_norms(
           loss_fn, params, batch, key, sigma=sigma, num_probes=num_probes,
@@ -236,6 +242,7 @@ def rw_sam(
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     chunk_size: int | None = None,
+    per_example_gradients: _per_example.PerExampleGradients = "auto",
     perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted SAM (RW-SAM).
@@ -293,8 +300,8 @@ def rw_sam(
     score: ``"norm"`` (``x = s``, the default) or ``"squared_norm"``
       (``x = s²``, the quantity the paper's appendix estimates).
     gradient_norms: ``"finite_difference"`` (the paper), or ``"exact"``:
-      ``s_i = ‖∇ℓ_i‖`` from a ``vmap`` of ``grad`` (``B`` backward passes;
-      for validation and ablation).
+      ``s_i = ‖∇ℓ_i‖`` from :func:`per_example_gradient_norms` (``B``
+      backward passes; for validation and ablation).
     difference: ``"forward"`` (the paper; reuses ``ℓ(w)``) or ``"central"``
       (two forwards per probe, error ``O(σ²)``).
     probe_in_float32: evaluate the probe pass with bfloat16/float16 leaves
@@ -303,6 +310,13 @@ def rw_sam(
       float32 parameters are unaffected.
     chunk_size: examples whose gradients are held at once in the exact mode
       (divides ``B``); None: all ``B``.
+    per_example_gradients: how the exact mode takes ``∇ℓ_i``:
+      ``"batch_of_one"``, ``"jacobian"`` (rows of the Jacobian of the loss
+      vector, what the probe estimates when examples are coupled, e.g. by
+      BatchNorm in training mode) or ``"auto"`` (the latter for a
+      ``loss_fn`` that declares ``couples_examples``, as those of
+      :mod:`sam_optax.flax` do); see
+      :func:`per_example_gradient_norms`.
     perturb_mask: which leaves to perturb; see :func:`sam`. The weights ``p``
       come from per-example gradient norms over every leaf.
 
@@ -320,6 +334,7 @@ def rw_sam(
           norm_scaling=norm_scaling, score=score,
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, chunk_size=chunk_size,
+          per_example_gradients=per_example_gradients,
           name="rw_sam"),
       rho, normalize=True, perturb_mask=perturb_mask, name="rw_sam",
   )
@@ -339,6 +354,7 @@ def rw_asam(
     difference: _gradient_norms.Difference = "forward",
     probe_in_float32: bool = True,
     chunk_size: int | None = None,
+    per_example_gradients: _per_example.PerExampleGradients = "auto",
     perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted ASAM: RW-SAM's weighted ascent with ASAM's scale.
@@ -366,6 +382,7 @@ def rw_asam(
     difference: see :func:`rw_sam`.
     probe_in_float32: see :func:`rw_sam`.
     chunk_size: see :func:`rw_sam`.
+    per_example_gradients: see :func:`rw_sam`.
     perturb_mask: see :func:`rw_sam`.
 
   Returns:
@@ -383,6 +400,7 @@ def rw_asam(
           norm_scaling=norm_scaling, score=score,
           gradient_norms=gradient_norms, difference=difference,
           probe_in_float32=probe_in_float32, chunk_size=chunk_size,
+          per_example_gradients=per_example_gradients,
           name="rw_asam"),
       rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, scale_mask),
       perturb_mask=perturb_mask, name="rw_asam",

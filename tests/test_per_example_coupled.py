@@ -117,6 +117,14 @@ def test_rw_sam_exact_norms_are_jacobian_rows():
                              jnp.mean(expected), rtol=1e-5)
   np.testing.assert_allclose(optax.tree.get(state, "gradient_norm_max"),
                              jnp.max(expected), rtol=1e-5)
+  # The explicit override reaches the norms: batches of one measure another
+  # quantity on this coupled loss.
+  alone = sam_optax.rw_sam(0.05, gradient_norms="exact",
+                           per_example_gradients="batch_of_one")
+  _, other = alone.update(None, alone.init(params), params, loss_fn=loss_fn,
+                          batch=batch)
+  assert not np.allclose(optax.tree.get(other, "gradient_norm_mean"),
+                         jnp.mean(expected), rtol=1e-2)
 
 
 def test_bad_choice_is_an_error_naming_it():
@@ -124,6 +132,8 @@ def test_bad_choice_is_an_error_naming_it():
   with pytest.raises(ValueError, match="per_example_gradients"):
     sam_optax.per_example_gradient_norms(mlp_loss, params, batch,
                                          per_example_gradients="exact")
+  with pytest.raises(ValueError, match="rw_sam: per_example_gradients"):
+    sam_optax.rw_sam(0.05, per_example_gradients="rows")
   with pytest.raises(ValueError, match="calibrate_sigma: per_example_grad"):
     sam_optax.calibrate_sigma(mlp_loss, params, batch, jax.random.key(0),
                               per_example_gradients=None)
