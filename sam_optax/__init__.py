@@ -9,6 +9,12 @@ losses (shape ``[B]``):
 >>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
 >>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
 ...                            batch=batch)
+
+Submodules: :mod:`sam_optax.diagnostics` (sharpness and gradient noise),
+:mod:`sam_optax.reference` (the definitions the fast forms are tested
+against) and :mod:`sam_optax.flax` (Flax models as ``loss_fn``; ``import
+sam_optax.flax``, with the ``[flax]`` extra: ``import sam_optax`` alone does
+not import Flax).
 """
 
 from sam_optax._asam import adaptive_scale
