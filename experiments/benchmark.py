@@ -13,8 +13,9 @@ CPU, ResNet-18 (CIFAR variant, BatchNorm) on a GPU (``--model`` overrides).
 Repeats are interleaved (every variant once per round, the order rotating
 between rounds), so a change in the machine's load hits all variants alike;
 each ratio is the median over rounds of the per-round ratio. Prints, per
-variant, the median step time, compile time and memory, then the ratios the
-issue asks for with their targets.
+variant, the median step time, its compiled FLOPs and bytes accessed,
+compile time and memory, then the ratios the issue asks for with their
+targets.
 
 The variants: ``sgd``; ``sam``; ``m_sam/vmap/m=M`` and ``m_sam/unrolled/m=M``
 (the two one-program forms of :func:`sam_optax.m_sam`, ``"auto"`` picks the
@@ -22,7 +23,20 @@ latter on a CPU); ``m_sam/vmap/m=16/chunk=C`` (memory-bounded: chunks of ``C``
 micro-batches in a ``lax`` loop); the sequential forms ``m_sam/loop/m=M`` (one
 micro-batch per iteration of a ``lax`` loop inside the step) and
 ``m_sam/sequential/m=M`` (the papers' way: a Python loop calling a jitted SAM
-step per micro-batch); and ``asam``, ``f_sam``, ``rw_sam``, ``rw_asam``.
+step per micro-batch); and ``asam``, ``f_sam``, ``rw_sam``, ``rw_asam``,
+``gsam``, ``wsam``, ``vasso``, ``momentum_sam`` and LookSAM's two kinds of
+step, ``look_sam/sam_step`` (its SAM step, every ``k``-th) and
+``look_sam/between`` (the steps in between, without the perturbed pass):
+with ``k = 5`` a LookSAM step costs on average ``(sam_step + 4 between) / 5``.
+
+Cost: XLA's cost analysis of each compiled step (``compiled.cost_analysis()``):
+``flops`` and ``bytes accessed``, a device-independent view of the work that
+holds on a GPU too (the sequential form: its micro-step times the number of
+micro-batches, plus the clean pass and the update). A step with a
+``jax.lax.cond`` (LookSAM) reports its costlier branch; LookSAM's rows are
+therefore measured on the step compiled with the optimizer state as a
+constant, where XLA keeps only the branch that state selects (their times are
+those of the real step, the counter an argument).
 
 Memory: XLA's buffer assignment for the compiled step
 (``compiled.memory_analysis()``): ``temp`` is the working memory beyond the
@@ -37,6 +51,7 @@ The variants are a registry (:func:`variants`): a new transform is one entry.
 import argparse
 from collections.abc import Callable, Sequence
 import dataclasses
+import functools
 import json
 import re
 import shlex
@@ -58,6 +73,7 @@ import sam_optax
 
 RHO = 0.05
 LEARNING_RATE = 0.1
+LOOK_SAM_EVERY_K = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +97,8 @@ class Runner:
   compile_seconds: float
   temp_bytes: int
   total_bytes: int
+  flops: float = -1.0
+  bytes_accessed: float = -1.0
 
 
 def _memory(compiled: Any) -> tuple[int, int]:
@@ -94,6 +112,15 @@ def _memory(compiled: Any) -> tuple[int, int]:
   return stats.temp_size_in_bytes, total
 
 
+def _cost(compiled: Any) -> tuple[float, float]:
+  """``(flops, bytes accessed)`` by XLA's cost analysis (-1 if not reported)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  cost = cost or {}
+  return float(cost.get("flops", -1)), float(cost.get("bytes accessed", -1))
+
+
 def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
@@ -103,8 +130,14 @@ def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
 
 def transform_runner(
     make: Callable[[], optax.GradientTransformationExtraArgs] | None,
+    prepare: Callable[[Any], Any] | None = None,
 ) -> Callable[[Setup], Runner]:
-  """A train step with ``make()`` chained before SGD (plain SGD if None)."""
+  """A train step with ``make()`` chained before SGD (plain SGD if None).
+
+  ``prepare`` maps the initial optimizer state to the one the step runs from
+  (e.g. a step counter); the cost is then that of the step compiled with that
+  state as a constant, where XLA keeps only the branch it selects.
+  """
 
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
@@ -120,11 +153,20 @@ def transform_runner(
                                      loss_fn=loss_fn, batch=batch, key=key)
       return optax.apply_updates(params, updates), new_state, opt_state
 
-    args = (setup.params, setup.state, tx.init(setup.params), setup.batch,
+    opt_state = tx.init(setup.params)
+    if prepare is not None:
+      opt_state = prepare(opt_state)
+    args = (setup.params, setup.state, opt_state, setup.batch,
             jax.random.key(0))
     compiled, seconds, temp, total = _compile(train_step, *args)
+    costed = compiled
+    if prepare is not None:
+      costed = jax.jit(
+          lambda params, state, batch, key: train_step(
+              params, state, opt_state, batch, key)).lower(
+                  *args[:2], *args[3:]).compile()
     return Runner(lambda: jax.block_until_ready(compiled(*args)), seconds,
-                  temp, total)
+                  temp, total, *_cost(costed))
 
   return build
 
@@ -176,8 +218,12 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
       jax.block_until_ready(
           finish_c(setup.params, setup.state, opt_state, setup.batch, total))
 
+    step_flops, step_bytes = _cost(step_c)
+    finish_flops, finish_bytes = _cost(finish_c)
     return Runner(run, step_s + finish_s, max(step_temp, finish_temp),
-                  max(step_total, finish_total))
+                  max(step_total, finish_total),
+                  count * step_flops + finish_flops,
+                  count * step_bytes + finish_bytes)
 
   return build
 
@@ -227,8 +273,24 @@ def variants(setup: Setup) -> list[Variant]:
       Variant("rw_sam", transform_runner(lambda: sam_optax.rw_sam(RHO, 0.5))),
       Variant("rw_asam",
               transform_runner(lambda: sam_optax.rw_asam(0.5, 0.5))),
+      Variant("gsam", transform_runner(lambda: sam_optax.gsam(RHO))),
+      Variant("wsam", transform_runner(lambda: sam_optax.wsam(RHO))),
+      Variant("vasso", transform_runner(lambda: sam_optax.vasso(RHO))),
+      Variant("momentum_sam",
+              transform_runner(lambda: sam_optax.momentum_sam(RHO))),
   ]
+  # LookSAM's two kinds of step, from a state whose counter selects each.
+  for name, count in (("look_sam/sam_step", 0), ("look_sam/between", 1)):
+    entries.append(Variant(name, transform_runner(
+        lambda: sam_optax.look_sam(RHO, LOOK_SAM_EVERY_K),
+        functools.partial(_at_step, count=count))))
   return entries
+
+
+def _at_step(opt_state: Any, count: int) -> Any:
+  """``chain(look_sam, sgd)``'s state with LookSAM's counter at ``count``."""
+  return (opt_state[0]._replace(count=jnp.asarray(count, jnp.int32)),
+          *opt_state[1:])
 
 
 def make_setup(model_name: str, batch_size: int, num_classes: int,
@@ -280,8 +342,17 @@ def report_ratios(times: dict[str, list[float]], setup: Setup,
         target = ">= 5" if implementation == "vmap" and m == 8 else ""
         rows.append((f"{sequential} / {name} (speed-up)",
                      _ratio(times, sequential, name), target))
-  for name in ("asam", "f_sam", "rw_sam", "rw_asam"):
+  for name in ("asam", "f_sam", "rw_sam", "rw_asam", "gsam", "wsam", "vasso",
+               "momentum_sam", "look_sam/sam_step", "look_sam/between"):
     rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
+  for name in ("momentum_sam", "look_sam/between"):
+    rows.append((f"{name} / sgd", _ratio(times, name, "sgd"), "~1"))
+  sam_step = _ratio(times, "look_sam/sam_step", "sam")
+  between = _ratio(times, "look_sam/between", "sam")
+  if sam_step is not None and between is not None:
+    k = LOOK_SAM_EVERY_K
+    rows.append((f"look_sam (k={k}, mean step) / sam",
+                 (sam_step + (k - 1) * between) / k, ""))
   return [(label, value, target) for label, value, target in rows
           if value is not None]
 
@@ -350,10 +421,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   mib = 2.0 ** 20
   print("\n" + reporting.markdown_table(
-      [("variant", "median step (ms)", "/ sam", "compile (s)", "temp (MiB)",
-        "total (MiB)")]
+      [("variant", "median step (ms)", "/ sam", "GFLOP", "FLOPs / sam",
+        "accessed (MiB)", "compile (s)", "temp (MiB)", "total (MiB)")]
       + [(name, f"{1e3 * statistics.median(times[name]):.1f}",
           f"{_ratio(times, name, 'sam'):.2f}",
+          f"{runners[name].flops / 1e9:.3f}",
+          f"{runners[name].flops / runners['sam'].flops:.2f}",
+          f"{runners[name].bytes_accessed / mib:.1f}",
           f"{runners[name].compile_seconds:.1f}",
           f"{runners[name].temp_bytes / mib:.1f}",
           f"{runners[name].total_bytes / mib:.1f}") for name in names]))
@@ -375,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "compile_seconds": {n: r.compile_seconds for n, r in runners.items()},
       "temp_bytes": {n: r.temp_bytes for n, r in runners.items()},
       "total_bytes": {n: r.total_bytes for n, r in runners.items()},
+      "flops": {n: r.flops for n, r in runners.items()},
+      "bytes_accessed": {n: r.bytes_accessed for n, r in runners.items()},
       "ratios": {label: value for label, value, _ in ratios},
   }
   if args.json:

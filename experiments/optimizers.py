@@ -27,6 +27,11 @@ VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs] | None]
     "f_sam": sam_optax.f_sam,
     "rw_sam": sam_optax.rw_sam,
     "rw_asam": sam_optax.rw_asam,
+    "gsam": sam_optax.gsam,
+    "wsam": sam_optax.wsam,
+    "vasso": sam_optax.vasso,
+    "look_sam": sam_optax.look_sam,
+    "momentum_sam": sam_optax.momentum_sam,
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
 (None: plain SGD)."""

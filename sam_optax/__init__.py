@@ -29,7 +29,12 @@ from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
 from sam_optax._gradient_norms import finite_difference_gradient_norms
 from sam_optax._gradient_norms import per_example_gradient_norms
+from sam_optax._gsam import gsam
+from sam_optax._look_sam import look_sam
+from sam_optax._look_sam import LookSamState
 from sam_optax._m_sam import m_sam
+from sam_optax._momentum_sam import momentum_sam
+from sam_optax._momentum_sam import MomentumSamState
 from sam_optax._n_sam import ascent_set_ascent
 from sam_optax._n_sam import n_sam
 from sam_optax._rw_sam import gibbs_weights
@@ -43,24 +48,34 @@ from sam_optax._sam import usam
 from sam_optax._transform import AscentDirection
 from sam_optax._transform import DirectionFn
 from sam_optax._transform import sharpness_aware
+from sam_optax._transform import sharpness_aware_step
+from sam_optax._transform import SharpnessAwareStep
+from sam_optax._vasso import variance_suppressed_ascent
+from sam_optax._vasso import vasso
+from sam_optax._vasso import VarianceSuppressedAscentState
+from sam_optax._wsam import wsam
 from sam_optax import diagnostics
 from sam_optax import reference
 
 __version__ = "0.1.0"
 
 # What users call. The transforms; the pieces a new variant is built from
-# (AscentDirection, DirectionFn, sharpness_aware, each variant's ascent direction and
-# state, ASAM's scale and mask); RW-SAM's per-example gradient norms, their
-# σ calibration and weights, to check and tune it; and two submodules:
-# diagnostics (sharpness and gradient noise) and reference (the definitions
-# the fast forms are tested against).
+# (AscentDirection, DirectionFn, sharpness_aware and sharpness_aware_step,
+# each variant's ascent direction and state, ASAM's scale and mask); RW-SAM's
+# per-example gradient norms, their σ calibration and weights, to check and
+# tune it; and two submodules: diagnostics (sharpness and gradient noise) and
+# reference (the definitions the fast forms are tested against).
 __all__ = (
     "AscentDirection",
     "DirectionFn",
     "FriendlyAscentState",
+    "LookSamState",
     "LossFn",
+    "MomentumSamState",
     "ReweightedAscentState",
+    "SharpnessAwareStep",
     "SigmaCalibration",
+    "VarianceSuppressedAscentState",
     "adaptive_scale",
     "asam",
     "ascent_set_ascent",
@@ -72,7 +87,10 @@ __all__ = (
     "finite_difference_gradient_norms",
     "friendly_ascent",
     "gibbs_weights",
+    "gsam",
+    "look_sam",
     "m_sam",
+    "momentum_sam",
     "n_sam",
     "not_bias_mask",
     "per_example_gradient_norms",
@@ -82,5 +100,9 @@ __all__ = (
     "rw_sam",
     "sam",
     "sharpness_aware",
+    "sharpness_aware_step",
     "usam",
+    "variance_suppressed_ascent",
+    "vasso",
+    "wsam",
 )

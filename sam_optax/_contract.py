@@ -54,6 +54,28 @@ def require_arguments(
           require(batch, "batch", transform_name))
 
 
+def check_update_call(
+    updates: Any, params: Params, loss_fn: LossFn | None, batch: Batch,
+    transform_name: str,
+) -> tuple[Params, LossFn, Batch]:
+  """The checks every ``update`` of the family runs first, at trace time.
+
+  ``params``, ``loss_fn`` and ``batch`` are required
+  (:func:`require_arguments`), ``updates`` (unless None) must have the
+  structure of ``params``, and ``loss_fn`` must return per-example losses on
+  ``batch`` (:func:`check_per_example_losses`).
+
+  Returns:
+    ``(params, loss_fn, batch)``.
+  """
+  params, loss_fn, batch = require_arguments(params, loss_fn, batch,
+                                             transform_name)
+  if updates is not None:
+    check_same_structure(updates, params, "updates", transform_name)
+  check_per_example_losses(loss_fn, params, batch, transform_name)
+  return params, loss_fn, batch
+
+
 def _is_masked_node(node: Any) -> bool:
   return isinstance(node, optax.MaskedNode)
 
@@ -192,6 +214,7 @@ def check_number(
     minimum: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    maximum: float | None = None,
     allow_inf: bool = False,
 ) -> None:
   """Rejects a hyperparameter that is not a real number in range.
@@ -199,10 +222,10 @@ def check_number(
   The one check for real-valued hyperparameters (``rho``, ``sigma``, ``eta``,
   ...), run when a transform is built. ``None``, booleans, strings, arrays
   with more than one element, NaN and (unless ``allow_inf``) infinities are
-  errors, as are values below ``minimum``, at or below ``above``, or at or
-  above ``below``. Concrete arrays are checked like numbers; traced values
-  (under ``jax.jit``, e.g. hyperparameters injected by
-  ``optax.inject_hyperparams``) cannot be inspected and pass unchecked.
+  errors, as are values below ``minimum``, at or below ``above``, at or
+  above ``below``, or above ``maximum``. Concrete arrays are checked like
+  numbers; traced values (under ``jax.jit``, e.g. hyperparameters injected
+  by ``optax.inject_hyperparams``) cannot be inspected and pass unchecked.
 
   Raises:
     ValueError: naming ``argument`` and ``transform_name``.
@@ -229,6 +252,8 @@ def check_number(
     fail(f"> {above}")
   if below is not None and number >= below:
     fail(f"< {below}")
+  if maximum is not None and number > maximum:
+    fail(f"<= {maximum}")
 
 
 def check_rho(rho: ArrayLike, transform_name: str) -> None:

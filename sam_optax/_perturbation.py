@@ -142,6 +142,27 @@ def perturbation(
   return epsilon
 
 
+def unit_vector(tree: Any) -> Any:
+  """``x / (‖x‖ + δ)`` (float32 leaves; zero for a zero ``x``, never NaN).
+
+  :func:`perturbation` with ``ρ = 1``: no finite ``x`` overflows it.
+  """
+  return perturbation(tree, 1.0)
+
+
+def orthogonal_part(tree: Any, onto: Any) -> Any:
+  """``x − (x·û) û`` with ``û = u / (‖u‖ + δ)``: ``x`` less its component
+  along ``u`` (float32 leaves).
+
+  ``x`` itself when ``u = 0``. ``x·û`` is bounded by ``‖x‖`` (``û`` has norm
+  at most one), so it overflows only if ``x`` does.
+  """
+  tree = optax.tree.cast(tree, jnp.float32)
+  direction = unit_vector(onto)
+  return optax.tree.add_scale(tree, -optax.tree.vdot(tree, direction),
+                              direction)
+
+
 def perturb(params: Any, epsilon: Any) -> Any:
   """``w + ε``, in the parameters' own dtypes."""
   return jax.tree.map(

@@ -3,15 +3,21 @@
 A variant of SAM is an :class:`AscentDirection` (how ``d`` is chosen, with any
 state it keeps) plus the options of :func:`sharpness_aware` (normalized or not,
 ASAM's elementwise scale or not). ``sam``, ``usam``, ``n_sam``, ``asam``,
-``f_sam``, ``rw_sam`` and ``rw_asam`` are such pairs; new variants are small
-additions, not copies. Variants that average several SAM steps (``m_sam`` and
-its data-parallel form) are :func:`from_gradient_fn` around them.
+``f_sam``, ``rw_sam``, ``rw_asam`` and ``vasso`` are such pairs; new variants
+are small additions, not copies. :func:`sharpness_aware_step` is the same step
+returning the direction too, for the variants that mix the clean and the
+perturbed gradients (``gsam``, ``wsam`` through
+:func:`combined_sharpness_aware`; ``look_sam``'s SAM steps) or keep the
+perturbed gradient (``momentum_sam``). Variants that average several SAM steps
+(``m_sam`` and its data-parallel form) are :func:`from_gradient_fn` around
+them.
 """
 
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 import optax
 
@@ -64,6 +70,84 @@ def clean_gradient_or_compute(
   return _contract.mean_gradient(loss_fn, params, batch)
 
 
+class SharpnessAwareStep(Protocol):
+  """``(updates, state, params, *, loss_fn, batch, key, **extra)`` -> ``(d,
+  g_adv, state)``.
+
+  The SAM step of :func:`sharpness_aware_step`: the ascent direction ``d`` it
+  perturbed along, the perturbed gradient ``g_adv = ∇L_B(w + ε)`` and the
+  direction's new state. With :func:`clean_gradient_ascent` as the direction,
+  ``d`` is the clean gradient ``g = ∇L_B(w)`` (``updates``, or computed when
+  ``updates`` is None).
+  """
+
+  def __call__(
+      self,
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.Updates, optax.OptState]:
+    ...
+
+
+def sharpness_aware_step(
+    ascent: AscentDirection,
+    rho: ArrayLike,
+    *,
+    normalize: bool = True,
+    scale_fn: Callable[[optax.Params], Any] | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
+    name: str = "sharpness_aware",
+) -> SharpnessAwareStep:
+  """The step of :func:`sharpness_aware`, returning the direction too.
+
+  For variants that do more than hand on ``∇L_B(w + ε)``: those that mix the
+  clean and the perturbed gradients (GSAM, WSAM, LookSAM's SAM steps, through
+  :func:`combined_sharpness_aware`) and those whose state needs the perturbed
+  gradient (Momentum-SAM). The arguments are :func:`sharpness_aware`'s (and
+  checked the same way, when the step is built and at trace time).
+
+  Returns:
+    A :class:`SharpnessAwareStep`: ``(d, ∇L_B(w + ε), state)`` from the
+    arguments of an ``update``.
+  """
+  _contract.check_rho(rho, name)
+
+  def step(
+      updates: optax.Updates | None,
+      state: optax.OptState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.Updates, optax.OptState]:
+    params, loss_fn, batch = _contract.check_update_call(
+        updates, params, loss_fn, batch, name)
+    mask = _perturbation.resolve_mask(perturb_mask, params, name)
+    direction, state = ascent.direction(
+        updates, state, params, loss_fn=loss_fn, batch=batch, key=key,
+        **extra_args,
+    )
+    scale = scale_fn(params) if scale_fn is not None else None
+    epsilon = _perturbation.perturbation(
+        direction, rho, normalize=normalize, scale=scale, mask=mask
+    )
+    return (
+        direction,
+        _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),
+        state,
+    )
+
+  return step
+
+
 def sharpness_aware(
     ascent: AscentDirection,
     rho: ArrayLike,
@@ -105,36 +189,74 @@ def sharpness_aware(
     ``loss_fn`` and ``batch`` (and ``key``) as keyword arguments and returns
     ``∇L_B(w+ε)``. Its state is the ascent direction's state.
   """
-  _contract.check_rho(rho, name)
+  return combined_sharpness_aware(
+      ascent, rho, _perturbed_gradient, normalize=normalize,
+      scale_fn=scale_fn, perturb_mask=perturb_mask, name=name)
+
+
+Combine = Callable[[optax.Updates, optax.Updates], optax.Updates]
+"""``(d, g_adv) -> the gradient to hand on`` (leaves in float32 at least)."""
+
+
+def _at_least_float32(tree: Any) -> Any:
+  """``tree`` with its half-precision leaves in float32 (the rest as given)."""
+  return jax.tree.map(
+      lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def _perturbed_gradient(direction: optax.Updates, gradient: optax.Updates
+                        ) -> optax.Updates:
+  """SAM's :data:`Combine`: ``g_adv`` itself."""
+  del direction
+  return gradient
+
+
+def combined_sharpness_aware(
+    ascent: AscentDirection,
+    rho: ArrayLike,
+    combine: Combine,
+    *,
+    normalize: bool = True,
+    scale_fn: Callable[[optax.Params], Any] | None = None,
+    perturb_mask: _perturbation.PerturbMask = None,
+    name: str = "sharpness_aware",
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`sharpness_aware_step` handing on ``combine(d, ∇L_B(w + ε))``.
+
+  :func:`sharpness_aware` hands on ``∇L_B(w + ε)`` itself; the variants that
+  mix the clean gradient with the perturbed one (GSAM, WSAM) take the
+  clean-gradient ascent, so that ``d = g = ∇L_B(w)``, and their own
+  ``combine``. ``d`` and ``∇L_B(w + ε)`` reach ``combine`` in float32 at
+  least (half-precision leaves are promoted) and its result is cast to the
+  parameters' dtypes (exact for ``∇L_B(w + ε)`` itself).
+
+  Args:
+    ascent: the ascent direction and its state.
+    rho: the perturbation radius ``ρ >= 0``.
+    combine: ``(d, g_adv) -> the gradient to hand on``.
+    normalize: as in :func:`sharpness_aware`.
+    scale_fn: as in :func:`sharpness_aware`.
+    perturb_mask: which leaves to perturb; see :func:`sharpness_aware`.
+    name: the name used in error messages.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is the ascent
+    direction's.
+  """
+  step = sharpness_aware_step(ascent, rho, normalize=normalize,
+                              scale_fn=scale_fn, perturb_mask=perturb_mask,
+                              name=name)
 
   def update_fn(
       updates: optax.Updates | None,
       state: optax.OptState,
       params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
+      **kwargs: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
-    params, loss_fn, batch = _contract.require_arguments(
-        params, loss_fn, batch, name)
-    if updates is not None:
-      _contract.check_same_structure(updates, params, "updates", name)
-    _contract.check_per_example_losses(loss_fn, params, batch, name)
-    mask = _perturbation.resolve_mask(perturb_mask, params, name)
-    direction, state = ascent.direction(
-        updates, state, params, loss_fn=loss_fn, batch=batch, key=key,
-        **extra_args,
-    )
-    scale = scale_fn(params) if scale_fn is not None else None
-    epsilon = _perturbation.perturbation(
-        direction, rho, normalize=normalize, scale=scale, mask=mask
-    )
-    return (
-        _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),
-        state,
-    )
+    direction, gradient, state = step(updates, state, params, **kwargs)
+    combined = combine(_at_least_float32(direction),
+                       _at_least_float32(gradient))
+    return optax.tree.cast_like(combined, gradient), state
 
   return optax.GradientTransformationExtraArgs(ascent.init, update_fn)
 
@@ -172,9 +294,8 @@ def from_gradient_fn(
       **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args  # gradient_fn takes its own gradients
-    params, loss_fn, batch = _contract.require_arguments(
-        params, loss_fn, batch, name)
-    _contract.check_per_example_losses(loss_fn, params, batch, name)
+    params, loss_fn, batch = _contract.check_update_call(
+        None, params, loss_fn, batch, name)
     gradient = gradient_fn(loss_fn, params, batch)
     return optax.tree.cast_like(gradient, params), state
 

@@ -1,10 +1,12 @@
-"""Small problems shared by the tests: a two-layer MLP and a quadratic."""
+"""Small problems shared by the tests: a two-layer MLP and a quadratic; and
+the compiled FLOPs of a function."""
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 
 def mlp_params(key, in_dim=5, hidden=7, out_dim=3, dtype=jnp.float32):
@@ -79,3 +81,14 @@ def quadratic_problem(seed, dims=(3, 2), size=6):
 
 def flatten(tree):
   return jax.flatten_util.ravel_pytree(tree)[0]
+
+
+def compiled_flops(fn, *args):
+  """XLA's FLOP count of ``jax.jit(fn)`` compiled for ``args`` (skips the
+  test on a backend that reports none)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  if not cost or "flops" not in cost:
+    pytest.skip("this backend reports no FLOP count")
+  return cost["flops"]

@@ -37,6 +37,11 @@ TRANSFORMS = {
                                          micro_batch_size=2),
     "data_parallel_m_sam": functools.partial(sam_optax.data_parallel_m_sam,
                                              axis_name="data"),
+    "gsam": sam_optax.gsam,
+    "wsam": sam_optax.wsam,
+    "vasso": sam_optax.vasso,
+    "look_sam": sam_optax.look_sam,
+    "momentum_sam": sam_optax.momentum_sam,
 }
 # Transforms whose update runs outside shard_map.
 LOCAL = [name for name in TRANSFORMS if name != "data_parallel_m_sam"]
@@ -65,6 +70,11 @@ def test_bad_rho(name, rho):
     (lambda v: sam_optax.asam(RHO, eta=v), "eta"),
     (lambda v: sam_optax.rw_asam(RHO, eta=v), "eta"),
     (lambda v: sam_optax.rw_sam(RHO, lam=v), "lam"),
+    (lambda v: sam_optax.gsam(RHO, alpha=v), "alpha"),
+    (lambda v: sam_optax.wsam(RHO, gamma=v), "gamma"),
+    (lambda v: sam_optax.vasso(RHO, theta=v), "theta"),
+    (lambda v: sam_optax.look_sam(RHO, alpha=v), "alpha"),
+    (lambda v: sam_optax.momentum_sam(RHO, momentum=v), "momentum"),
 ])
 @pytest.mark.parametrize("value", [None, jnp.inf, jnp.nan, -1.0])
 def test_bad_real_hyperparameters(make, argument, value):
@@ -80,7 +90,23 @@ def test_f_sam_ema_decay_in_unit_interval(ema_decay):
     sam_optax.f_sam(RHO, ema_decay=ema_decay)
 
 
+@pytest.mark.parametrize("make, argument, value", [
+    (lambda v: sam_optax.wsam(RHO, gamma=v), "gamma", 1.0),
+    (lambda v: sam_optax.vasso(RHO, theta=v), "theta", 0.0),
+    (lambda v: sam_optax.vasso(RHO, theta=v), "theta", 1.5),
+    (lambda v: sam_optax.momentum_sam(RHO, momentum=v), "momentum", 1.0),
+])
+def test_hyperparameters_out_of_their_interval(make, argument, value):
+  with pytest.raises(ValueError, match=f"{argument} must be"):
+    make(value)
+
+
 def test_allowed_edge_values():
+  sam_optax.gsam(RHO, alpha=0.0)
+  sam_optax.wsam(RHO, gamma=0.0)
+  sam_optax.vasso(RHO, theta=1.0)
+  sam_optax.look_sam(RHO, every_k=1, alpha=0.0)
+  sam_optax.momentum_sam(RHO, momentum=0.0)
   sam_optax.f_sam(RHO, sigma=0.0, ema_decay=0.0)
   sam_optax.asam(RHO, eta=0.0)
   sam_optax.rw_sam(RHO, lam=jnp.inf)
@@ -119,6 +145,8 @@ def test_bad_integers(value):
     sam_optax.m_sam(RHO, value)
   with pytest.raises(ValueError, match="num_probes must be a positive"):
     sam_optax.rw_sam(RHO, num_probes=value)
+  with pytest.raises(ValueError, match="every_k must be a positive"):
+    sam_optax.look_sam(RHO, every_k=value)
 
 
 # --- Batches and parameters ---------------------------------------------------

@@ -97,6 +97,23 @@ def rw_sam_formula(params, batch, ascent_batch, lam=0.5):
   return normalized_step(params, batch, g_p)
 
 
+def dot(tree, other):
+  return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(tree),
+                                            jax.tree.leaves(other)))
+
+
+def gsam_formula(params, batch, ascent_batch, alpha=0.3):
+  """``g_adv − α g_⊥``: ``g_adv`` at the masked ``ε``, ``g_⊥`` on every leaf."""
+  g, g_adv = grad_mean(params, batch), sam_formula(params, batch, ascent_batch)
+  coefficient = dot(g, g_adv) / dot(g_adv, g_adv)
+  return jax.tree.map(lambda a, x: a - alpha * (x - coefficient * a), g_adv, g)
+
+
+def wsam_formula(params, batch, ascent_batch, gamma=0.8):
+  g, g_adv = grad_mean(params, batch), sam_formula(params, batch, ascent_batch)
+  return jax.tree.map(lambda x, a: x + gamma / (1 - gamma) * (a - x), g, g_adv)
+
+
 VARIANTS = {
     "sam": (sam_optax.sam, sam_formula),
     "usam": (sam_optax.usam, usam_formula),
@@ -111,6 +128,13 @@ VARIANTS = {
         m_sam_formula),
     "rw_sam": (functools.partial(sam_optax.rw_sam, gradient_norms="exact"),
                rw_sam_formula),
+    "gsam": (functools.partial(sam_optax.gsam, alpha=0.3), gsam_formula),
+    "wsam": (functools.partial(sam_optax.wsam, gamma=0.8), wsam_formula),
+    # VaSSO's and LookSAM's first steps are SAM's (d_1 = θ g_1; step 0 is a
+    # SAM step); Momentum-SAM's mask: tests/test_new_variants.py.
+    "vasso": (functools.partial(sam_optax.vasso, theta=0.4), sam_formula),
+    "look_sam": (functools.partial(sam_optax.look_sam, every_k=2),
+                 sam_formula),
 }
 
 

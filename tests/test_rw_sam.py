@@ -14,7 +14,8 @@ import pytest
 
 import sam_optax
 from sam_optax import _per_example
-from _problems import global_norm, mean_loss, mlp_batch, mlp_loss, mlp_params
+from _problems import compiled_flops, global_norm, mean_loss
+from _problems import mlp_batch, mlp_loss, mlp_params
 
 RHO = 0.1
 DELTA = 1e-12
@@ -296,15 +297,6 @@ def test_huge_norms_give_finite_weights(norm_scaling, score):
     assert int(jnp.argmax(weights)) == 1
 
 
-def _flops(fn, *args):
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  if not cost or "flops" not in cost:
-    pytest.skip("this backend reports no FLOP count")
-  return cost["flops"]
-
-
 def test_cost_is_sam_plus_one_forward():
   """Compiled FLOPs of one training step: RW-SAM = SAM + one forward.
 
@@ -326,14 +318,15 @@ def test_cost_is_sam_plus_one_forward():
       return _update(tx, params, batch, key, grads)[0]
     return fn
 
-  forward = _flops(lambda p: mlp_loss(p, batch), params)
-  probe = _flops(lambda k: _per_example.rademacher_like(k, params), key)
-  sam = _flops(step(sam_optax.sam(RHO), True), params, key)
-  rw = _flops(step(sam_optax.rw_sam(RHO), True), params, key)
-  rw_without_gradient = _flops(step(sam_optax.rw_sam(RHO), False), params,
-                               key)
-  two_probes = _flops(step(sam_optax.rw_sam(RHO, num_probes=2), False),
-                      params, key)
+  flops = compiled_flops
+  forward = flops(lambda p: mlp_loss(p, batch), params)
+  probe = flops(lambda k: _per_example.rademacher_like(k, params), key)
+  sam = flops(step(sam_optax.sam(RHO), True), params, key)
+  rw = flops(step(sam_optax.rw_sam(RHO), True), params, key)
+  rw_without_gradient = flops(step(sam_optax.rw_sam(RHO), False), params,
+                              key)
+  two_probes = flops(step(sam_optax.rw_sam(RHO, num_probes=2), False),
+                     params, key)
   assert rw == rw_without_gradient
   assert 0 <= rw - sam - forward - probe <= 0.1 * forward, (
       rw, sam, forward, probe)

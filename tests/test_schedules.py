@@ -39,6 +39,13 @@ VARIANTS = {
     "rw_asam": (sam_optax.rw_asam, {"lam": 0.5, "eta": 0.02}, ()),
     "m_sam": (sam_optax.m_sam, {"micro_batch_size": 4},
               ("micro_batch_size",)),
+    "gsam": (sam_optax.gsam, {"alpha": 0.3}, ()),
+    "wsam": (sam_optax.wsam, {"gamma": 0.8}, ()),
+    "vasso": (sam_optax.vasso, {"theta": 0.4}, ()),
+    # Steps 0 and 2 are SAM steps, step 1 reuses g_v.
+    "look_sam": (sam_optax.look_sam, {"every_k": 2, "alpha": 0.7},
+                 ("every_k",)),
+    "momentum_sam": (sam_optax.momentum_sam, {"momentum": 0.9}, ()),
 }
 
 

@@ -1,0 +1,154 @@
+"""LookSAM: a SAM step every k steps, its orthogonal part reused in between."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+import optax
+
+from sam_optax import _contract
+from sam_optax import _perturbation
+from sam_optax import _sam
+from sam_optax import _transform
+
+
+class LookSamState(NamedTuple):
+  """LookSAM's state.
+
+  Attributes:
+    count: the number of steps taken (int32); steps ``0, k, 2k, …`` are SAM
+      steps.
+    orthogonal: ``g_v``, the part of the last SAM step's perturbed gradient
+      orthogonal to its clean gradient (zeros before the first step).
+  """
+
+  count: jax.Array
+  orthogonal: optax.Updates
+
+
+def look_sam(
+    rho: ArrayLike = 0.05,
+    every_k: int = 5,
+    alpha: ArrayLike = 0.7,
+    *,
+    perturb_mask: _perturbation.PerturbMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""LookSAM: SAM every ``k`` steps, a cheap correction in between.
+
+  On steps ``0, k, 2k, …`` (a SAM step):
+
+  .. math::
+    \varepsilon = \rho\, g / (\|g\| + \delta), \quad
+    g_{adv} = \nabla L_B(w + \varepsilon), \quad
+    g_v = g_{adv} - (g_{adv} \cdot \hat g)\, \hat g, \quad
+    \text{returns } g_{adv},
+
+  keeping ``g_v`` in the state; on the other steps, with no perturbed pass:
+
+  .. math::
+    \text{returns } g + \alpha\, \|g\|\, g_v / (\|g_v\| + \delta),
+
+  where ``g = ∇L_B(w)`` is the clean gradient of the current step
+  (``updates``, or computed from ``loss_fn`` and ``batch`` when ``updates``
+  is None) and ``ĝ = g / (‖g‖ + δ)``, so ``(g_adv·ĝ) ĝ`` is the paper's
+  ``(g_adv·g / ‖g‖²) g`` guarded by ``δ = 1e-12``. ``every_k = 1`` is
+  :func:`sam`.
+
+  Cost: a SAM step is two forward-backward passes (the clean gradient, then
+  at ``w + ε``); the steps in between are one, the clean gradient, plus O(d)
+  elementwise work. Under ``jit`` the choice is a ``jax.lax.cond`` on the
+  step counter, so the steps in between skip the perturbed pass at run time
+  (without ``jit`` it is a Python ``if``): over ``k`` steps LookSAM costs
+  ``k + 1`` passes where SAM costs ``2k``. (XLA's cost analysis of the
+  compiled step reports the costlier branch, SAM's.) On a CPU, XLA runs
+  convolutions inside a conditional on a slower generic path (as inside a
+  loop; see ``BENCHMARKS.md``): on a small CNN the SAM steps then took ~5×
+  a SAM step, where on a dense MLP they take SAM's time.
+
+  >>> tx = optax.chain(sam_optax.look_sam(0.05, every_k=5, alpha=0.7),
+  ...                  optax.sgd(0.1))
+  >>> state = tx.init(params)
+  >>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
+  >>> for _ in range(3):   # a SAM step, then two steps reusing its g_v
+  ...   updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
+  ...                              batch=batch)
+  >>> int(state[0].count)
+  3
+
+  Where the paper is silent: the first step (``count = 0``) is a SAM step,
+  so ``g_v`` is set before it is reused, with or without ``updates`` (the
+  clean gradient is computed by the transform when ``updates`` is None: both
+  kinds of step use it). If ``‖g_v‖ = 0`` (``g_adv`` parallel to ``g``), the
+  steps in between hand on ``g``. ``g_v`` is stored in the parameters'
+  dtypes. The paper's layer-wise variant for large batches (with LAMB) is
+  not provided.
+
+  Args:
+    rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
+    every_k: ``k >= 1``, the period of SAM steps: a Python or NumPy int (it
+      is static; with ``optax.inject_hyperparams`` pass
+      ``static_args=("every_k",)``).
+    alpha: ``α >= 0``, the weight of the reused orthogonal part (0.7 as in
+      the paper).
+    perturb_mask: which leaves to perturb on the SAM steps; see :func:`sam`.
+      ``g_v`` and the result cover every leaf.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`LookSamState`.
+
+  References:
+    Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+    <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
+  """
+  every_k = _contract.check_integer(every_k, "every_k", "look_sam")
+  _contract.check_number(alpha, "alpha", "look_sam", minimum=0)
+  alpha = jnp.asarray(alpha, jnp.float32)  # float32 arithmetic, as injected
+  sam_step = _transform.sharpness_aware_step(
+      _sam.clean_gradient_ascent(), rho, perturb_mask=perturb_mask,
+      name="look_sam")
+
+  def init(params: optax.Params) -> LookSamState:
+    return LookSamState(count=jnp.zeros([], jnp.int32),
+                        orthogonal=optax.tree.zeros_like(params))
+
+  def update_fn(
+      updates: optax.Updates | None,
+      state: LookSamState,
+      params: optax.Params | None = None,
+      *,
+      loss_fn: _contract.LossFn | None = None,
+      batch: Any = None,
+      key: jax.Array | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, LookSamState]:
+    params, loss_fn, batch = _contract.check_update_call(
+        updates, params, loss_fn, batch, "look_sam")
+    gradient = _transform.clean_gradient_or_compute(
+        updates, params, loss_fn, batch)
+
+    def perturbed() -> tuple[optax.Updates, optax.Updates]:
+      _, adversarial, _ = sam_step(
+          gradient, optax.EmptyState(), params, loss_fn=loss_fn, batch=batch,
+          key=key, **extra_args)
+      orthogonal = _perturbation.orthogonal_part(adversarial, gradient)
+      return (optax.tree.cast_like(adversarial, params),
+              optax.tree.cast_like(orthogonal, state.orthogonal))
+
+    def reused() -> tuple[optax.Updates, optax.Updates]:
+      clean = optax.tree.cast(gradient, jnp.float32)
+      weight = alpha * _perturbation.global_norm(clean)
+      corrected = optax.tree.add_scale(
+          clean, weight, _perturbation.unit_vector(state.orthogonal))
+      return optax.tree.cast_like(corrected, params), state.orthogonal
+
+    is_sam_step = state.count % every_k == 0
+    if isinstance(is_sam_step, jax.core.Tracer):  # under jit: at run time
+      result, orthogonal = jax.lax.cond(is_sam_step, perturbed, reused)
+    else:  # a concrete counter (no jit): the branch is chosen here
+      result, orthogonal = perturbed() if is_sam_step else reused()
+    return result, LookSamState(count=optax.safe_increment(state.count),
+                                orthogonal=orthogonal)
+
+  return optax.GradientTransformationExtraArgs(init, update_fn)
