@@ -142,8 +142,8 @@ def transform_runner(
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     tx = base if make is None else optax.chain(make(), base)
-    loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
-                                    steps_lib.per_example_loss, has_aux=True)
+    loss_fn = steps_lib.passes_loss_fn(setup.graphdef, setup.params,
+                                       setup.state)
 
     def train_step(params, state, opt_state, batch, key):
       _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
@@ -182,8 +182,8 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     sam = sam_optax.sam(RHO)
-    loss_fn = nnx_glue.pure_loss_fn(setup.graphdef, setup.state,
-                                    steps_lib.per_example_loss, has_aux=True)
+    loss_fn = steps_lib.passes_loss_fn(setup.graphdef, setup.params,
+                                       setup.state)
     count = setup.batch["labels"].shape[0] // micro_batch_size
 
     def micro_step(params, total, batch, j):

@@ -11,8 +11,10 @@ run), with SGD, mini-batch SAM (``m = b = 128``), m-SAM at m = 64, 32, 16, 8,
 4 and RW-SAM (λ = 0.5), ρ = 0.05, 100 epochs, seeds 0, 1, 2, all with the
 same base optimizer (SGD, momentum 0.9, learning rate 0.1 with cosine decay,
 weight decay 5e-4). Then
-prints a table of the final test accuracy (mean ± std over seeds, on the
-clean test labels) and the seconds per epoch, and writes into ``--output-dir``:
+prints a table of the final and the best-epoch test accuracy (mean ± std over
+seeds, on the clean test labels), the training accuracy on the noisy labels,
+the fraction of the corrupted training labels the final model fits
+(memorization) and the seconds per epoch, and writes into ``--output-dir``:
 
 - ``results.json``: the settings, every run's per-epoch metrics and the summary;
 - ``accuracy.png``: test accuracy against ``m`` (m-SAM, with SAM at ``m = b``
@@ -35,7 +37,6 @@ import jax
 import numpy as np
 
 from experiments import config as config_lib
-from experiments import data
 from experiments import input_pipeline
 from experiments import optimizers
 from experiments import reporting
@@ -57,6 +58,7 @@ class Settings:
   lam: float = 0.5
   rw_sam_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   model: str = "cnn1d"
+  model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   train_examples: int | None = None
   output_dir: str = "outputs/compare"
 
@@ -89,7 +91,8 @@ def run_configs(
       elif optimizer in ("rw_sam", "rw_asam"):
         options = {"lam": settings.lam, **settings.rw_sam_options}
       config = dataclasses.replace(
-          base, model=settings.model, epochs=settings.epochs,
+          base, model=settings.model,
+          model_options=dict(settings.model_options), epochs=settings.epochs,
           batch_size=settings.batch_size, label_noise=settings.label_noise,
           checkpoint_every=0,
           optimizer=dataclasses.replace(
@@ -107,36 +110,55 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 def summarize(
     runs: dict[str, list[train_lib.RunResult]]
 ) -> dict[str, dict[str, Any]]:
-  """Final test accuracy (mean ± std over seeds) and seconds per epoch."""
+  """Per optimizer, over seeds: the final and best-epoch test accuracy, the
+  training accuracy on the noisy labels, memorization (the fraction of the
+  corrupted labels fitted at the end; None without noise) and seconds per
+  epoch."""
   summary = {}
   for name, results in runs.items():
     accuracies = [r.history[-1]["test_accuracy"] for r in results]
+    best = [r.final["best_test_accuracy"] for r in results]
+    memorization = [r.final["memorization"] for r in results]
     train_accuracies = [r.history[-1]["train_accuracy"] for r in results]
     seconds = [reporting.seconds_per_epoch(r.history) for r in results]
     summary[name] = {
         "test_accuracy": _summary(accuracies),
+        "best_test_accuracy": _summary(best),
         "train_accuracy_noisy_labels": _summary(train_accuracies),
+        "memorization": (None if None in memorization
+                         else _summary(memorization)),
         "seconds_per_epoch": float(np.median(seconds)),
         "seeds": [r.config.seed for r in results],
         "test_accuracy_per_seed": accuracies,
+        "best_test_accuracy_per_seed": best,
+        "memorization_per_seed": memorization,
     }
   return summary
 
 
 def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
   """A plain-text table of the summary."""
-  header = (f"MNIST-1D, {settings.model}, {settings.label_noise:.0%} label"
+  model = settings.model + (f" {settings.model_options}"
+                            if settings.model_options else "")
+  header = (f"MNIST-1D, {model}, {settings.label_noise:.0%} label"
             f" noise, batch {settings.batch_size}, {settings.epochs} epochs,"
             f" seeds {list(settings.seeds)}")
-  rows = [("optimizer", "test acc. % (mean ± std)", "train acc. % (noisy)",
-           "s / epoch")]
+  rows = [("optimizer", "test acc. % (final)", "(best epoch)",
+           "train acc. % (noisy)", "memorized %", "s / epoch")]
   for name, entry in summary.items():
-    test, noisy = entry["test_accuracy"], entry["train_accuracy_noisy_labels"]
+    test, best = entry["test_accuracy"], entry["best_test_accuracy"]
+    noisy, memorized = (entry["train_accuracy_noisy_labels"],
+                        entry["memorization"])
     rows.append((name,
                  reporting.format_mean_std(test["mean"], test["std"], 100.0),
+                 reporting.format_mean_std(best["mean"], best["std"], 100.0),
                  f"{100 * noisy['mean']:.1f}",
+                 "" if memorized is None else f"{100 * memorized['mean']:.1f}",
                  f"{entry['seconds_per_epoch']:.3f}"))
-  return reporting.text_table(header, rows)
+  return reporting.text_table(header, rows) + (
+      "\n(mean ± std over seeds; best epoch: the largest test accuracy over"
+      " the epochs, a selection on the test set; memorized: the corrupted"
+      " training labels the final model predicts)")
 
 
 def plot(
@@ -144,9 +166,7 @@ def plot(
     path: pathlib.Path,
 ) -> None:
   """Accuracy against m (left) and per optimizer (right), into ``path``."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot()
 
   def accuracy(name: str) -> tuple[float, float]:
     entry = summary[name]["test_accuracy"]
@@ -187,12 +207,10 @@ def plot(
   right.set_xticks(range(len(names)), names, rotation=30, ha="right")
   right.set_ylabel("test accuracy % (seeds, mean ± std)")
   right.set_title("per optimizer")
-  figure.suptitle(
+  reporting.save_figure(
+      figure, path,
       f"MNIST-1D, {settings.model}, {settings.label_noise:.0%} label noise,"
       f" {settings.epochs} epochs, {len(settings.seeds)} seeds")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
 
 
 def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
@@ -203,10 +221,7 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
         f"unknown optimizers {sorted(unknown)}; choose from"
         f" {list(optimizers.VARIANTS)}.")
   configs = run_configs(settings)
-  splits = input_pipeline.load_data(configs[0][1])
-  if settings.train_examples is not None:
-    splits = splits._replace(train=data.ArrayDataset(
-        *(x[: settings.train_examples] for x in splits.train)))
+  splits = input_pipeline.load_data(configs[0][1], settings.train_examples)
   steps_per_run = settings.epochs * (splits.train.size // settings.batch_size)
   bar = train_lib.progress_bar(
       total=steps_per_run * len(configs) * len(settings.seeds),
@@ -265,6 +280,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
       help='more options of sam_optax.rw_sam as JSON, e.g.'
            ' \'{"gradient_norms": "exact"}\' or \'{"sigma": "calibrate"}\'.')
   parser.add_argument("--model", choices=("cnn1d", "mlp"))
+  parser.add_argument(
+      "--model-options", type=json.loads,
+      help='the model\'s options as JSON, e.g. \'{"channels": 64}\' (the'
+           ' wider CNN of experiments.rw_ablation).')
   parser.add_argument("--train-examples", type=int,
                       help="use only the first N training examples.")
   parser.add_argument("--output-dir")

@@ -61,6 +61,13 @@ class TrainConfig:
       the last epoch is always saved when there is a workdir.
     noise_trace_examples: if positive, measure the gradient-noise trace
       ``tr Σ`` on this many training examples at the end (paper's Table 6).
+    weight_trace_every: if positive, measure RW-SAM's Gibbs weights on fixed
+      training batches after the first epoch, every this many epochs and
+      after the last (:mod:`experiments.weight_trace`): each reading's share
+      of the weight on the corrupted examples and its effective sample size,
+      recorded in that epoch's metrics.
+    weight_trace_batches: how many batches of ``batch_size`` examples the
+      weight trace measures on.
   """
 
   dataset: str = "mnist1d"
@@ -79,6 +86,8 @@ class TrainConfig:
   data_dir: str | None = None
   checkpoint_every: int = 1
   noise_trace_examples: int = 0
+  weight_trace_every: int = 0
+  weight_trace_batches: int = 4
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

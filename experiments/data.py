@@ -18,15 +18,24 @@ class ArrayDataset(NamedTuple):
   Attributes:
     inputs: ``[N, ...]`` float32.
     labels: ``[N]`` int32.
+    corrupted: ``[N]`` bool, which labels label noise replaced
+      (:func:`with_label_noise`); None where no noise was applied.
   """
 
   inputs: np.ndarray
   labels: np.ndarray
+  corrupted: np.ndarray | None = None
 
   @property
   def size(self) -> int:
     """The number of examples (``len`` counts the tuple's fields)."""
     return len(self.labels)
+
+  def take(self, index: np.ndarray | slice) -> "ArrayDataset":
+    """The examples at ``index`` (an index array, a boolean mask or a slice)."""
+    return ArrayDataset(
+        self.inputs[index], self.labels[index],
+        None if self.corrupted is None else self.corrupted[index])
 
 
 class Splits(NamedTuple):
@@ -109,11 +118,16 @@ def symmetric_label_noise(
 def with_label_noise(
     dataset: ArrayDataset, rate: float, num_classes: int, seed: int
 ) -> ArrayDataset:
-  """``dataset`` with :func:`symmetric_label_noise` applied to its labels."""
+  """``dataset`` with :func:`symmetric_label_noise` applied to its labels.
+
+  Its ``corrupted`` mask marks the labels the noise replaced: exactly those
+  that differ from the clean ones, since every chosen label moves to another
+  class. ``rate == 0`` returns ``dataset`` itself (``corrupted`` None).
+  """
   if rate == 0:
     return dataset
-  return dataset._replace(
-      labels=symmetric_label_noise(dataset.labels, rate, num_classes, seed))
+  labels = symmetric_label_noise(dataset.labels, rate, num_classes, seed)
+  return dataset._replace(labels=labels, corrupted=labels != dataset.labels)
 
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:

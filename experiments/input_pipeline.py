@@ -16,8 +16,13 @@ from experiments import config as config_lib
 from experiments import data
 
 
-def load_data(config: config_lib.TrainConfig) -> data.Splits:
-  """The train and test sets, with label noise applied to the training set."""
+def load_data(config: config_lib.TrainConfig,
+              train_examples: int | None = None) -> data.Splits:
+  """The train and test sets, with label noise applied to the training set.
+
+  ``train_examples``: keep only the first this many training examples (after
+  the noise, so they keep their labels and ``corrupted`` flags); None: all.
+  """
   if config.dataset == "mnist1d":
     splits = data.load_mnist1d(config.mnist1d_seed)
   elif config.dataset in cifar.NUM_CLASSES:
@@ -27,6 +32,8 @@ def load_data(config: config_lib.TrainConfig) -> data.Splits:
         f"unknown dataset {config.dataset!r}; use mnist1d, cifar10, cifar100.")
   train = data.with_label_noise(splits.train, config.label_noise,
                                 splits.num_classes, config.label_noise_seed)
+  if train_examples is not None:
+    train = train.take(slice(train_examples))
   return splits._replace(train=train)
 
 

@@ -1,44 +1,21 @@
-"""Flax NNX models as the pure per-example ``loss_fn(params, batch)`` of sam_optax.
+"""The experiments' functional NNX training: a split model and its clean pass.
 
-The ``sam_optax`` transforms evaluate the loss at perturbed parameters
-``w + ε`` (and RW-SAM at ``w + σv``), so they take a pure function
-``loss_fn(params, batch) -> [B]``. An NNX model is a mutable object whose
-BatchNorm layers also update running statistics in training mode. The helpers
-here split the model once (``nnx.split``) into a static graph, its parameters
-and the rest of its state, and build the two functions a train step needs:
+The experiments keep an NNX model as arrays (``graphdef``, ``params`` and the
+rest of its ``state``: BatchNorm running statistics) so that a train step is a
+pure ``jax.jit`` function and a checkpoint is a pytree. Two pieces are
+specific to that style and live here:
 
-- :func:`pure_loss_fn`: the ``loss_fn`` handed to the transform. It runs the
-  model in training mode (BatchNorm normalizes with the batch's statistics)
-  and *discards* every state update, so the perturbed passes never touch the
-  running statistics.
+- :func:`split`: the static graphs in training and evaluation mode, the
+  parameters and the state.
 - :func:`loss_grad_and_state`: the clean pass at ``w``. It returns the
   per-example losses, the mean gradient and the *updated* state: only this
   pass moves the running statistics, as in the SAM papers' PyTorch code.
 
-A jitted train step then reads::
-
-  model_split = nnx_glue.split(model)
-  graphdef, state = model_split.graphdef, model_split.state
-
-  def per_example_loss(model, batch):
-    logits = model(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch["labels"])
-
-  @jax.jit
-  def train_step(params, state, opt_state, batch, key):
-    losses, grads, new_state, _ = nnx_glue.loss_grad_and_state(
-        graphdef, state, per_example_loss, params, batch)
-    loss_fn = nnx_glue.pure_loss_fn(graphdef, state, per_example_loss)
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
-                                   batch=batch, key=key)
-    return optax.apply_updates(params, updates), new_state, opt_state
-
-``nnx.merge`` inside the step costs nothing at run time: it runs once, when
-the step is traced. It merges with ``copy=True``: fresh ``Variable`` objects
-at the current trace level, so BatchNorm may update them inside ``jax.grad``
-and no update leaks into the ``state`` passed in. Evaluate with ``eval_graphdef`` (BatchNorm on running
-statistics): ``nnx.merge(model_split.eval_graphdef, params, state)``.
+The ``loss_fn`` handed to the transforms, whose passes leave the statistics
+alone, is the package's :func:`sam_optax.flax.nnx_loss_fn`
+(``experiments.steps.passes_loss_fn``). Evaluate with ``eval_graphdef``
+(BatchNorm on running statistics): ``nnx.merge(split.eval_graphdef, params,
+state)``.
 """
 
 from collections.abc import Callable
@@ -97,36 +74,6 @@ def _call(
 ) -> tuple[jax.Array, Any]:
   out = loss(model, batch)
   return out if has_aux else (out, None)
-
-
-def pure_loss_fn(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    loss: PerExampleLoss,
-    *,
-    has_aux: bool = False,
-) -> Callable[[nnx.State, Batch], jax.Array]:
-  """The pure ``loss_fn(params, batch) -> [B]`` for the sam_optax transforms.
-
-  The model runs as ``graphdef`` says (training mode: BatchNorm normalizes
-  with the statistics of the batch it is given, so m-SAM's micro-batches use
-  their own), with the fixed ``state``. Any update the forward pass makes to
-  the state (BatchNorm running statistics) is discarded: the perturbed passes
-  leave the running statistics as they are.
-
-  Args:
-    graphdef: from :func:`split`.
-    state: the non-trainable state to run with (not updated).
-    loss: ``(model, batch) -> per-example losses [B]`` (or ``(losses, aux)``
-      with ``has_aux``; ``aux`` is dropped).
-    has_aux: whether ``loss`` returns ``(losses, aux)``.
-  """
-
-  def loss_fn(params: nnx.State, batch: Batch) -> jax.Array:
-    model = nnx.merge(graphdef, params, state, copy=True)
-    return _call(loss, model, batch, has_aux)[0]
-
-  return loss_fn
 
 
 def loss_grad_and_state(

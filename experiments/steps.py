@@ -3,7 +3,8 @@
 The heart is :func:`make_train_step`: one jitted function that runs the clean
 pass (per-example losses, mean gradient, BatchNorm running statistics) and
 hands the pure per-example ``loss_fn`` to the optimizer, which takes its
-perturbed passes with it (see :mod:`experiments.nnx_glue`). A batch is
+perturbed passes with it (:func:`passes_loss_fn`, from
+:func:`sam_optax.flax.nnx_loss_fn`). A batch is
 ``{"inputs": [B, ...], "labels": [B]}`` everywhere.
 """
 
@@ -15,6 +16,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
+import sam_optax.flax
 
 from experiments import config as config_lib
 from experiments import input_pipeline
@@ -52,6 +54,20 @@ def per_example_loss(
   return losses, logits
 
 
+def passes_loss_fn(
+    graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State
+) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
+  """The pure per-example ``loss_fn`` the transforms take their passes with.
+
+  :func:`sam_optax.flax.nnx_loss_fn` of the model ``graphdef`` describes, at
+  ``state``: in training mode BatchNorm normalizes each pass with its batch's
+  statistics and no pass moves the running ones (only the clean pass does).
+  """
+  model = nnx.merge(graphdef, params, state)
+  return sam_optax.flax.nnx_loss_fn(
+      model, lambda model, batch: per_example_loss(model, batch)[0])
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformationExtraArgs,
@@ -85,8 +101,7 @@ def make_train_step(
     losses, grads, new_state, logits = nnx_glue.loss_grad_and_state(
         graphdef, train_state.state, per_example_loss, train_state.params,
         batch, has_aux=True)
-    loss_fn = nnx_glue.pure_loss_fn(
-        graphdef, train_state.state, per_example_loss, has_aux=True)
+    loss_fn = passes_loss_fn(graphdef, train_state.params, train_state.state)
     updates, opt_state = tx.update(
         grads, train_state.opt_state, train_state.params, loss_fn=loss_fn,
         batch=batch, key=optimizer_key)
@@ -132,10 +147,9 @@ def eval_loss_fn(
   example's loss, and so its gradient, is its own (with batch statistics an
   example alone would be normalized by itself).
   """
-  model_loss = nnx_glue.pure_loss_fn(eval_graphdef, state, per_example_loss,
-                                     has_aux=True)
 
   def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
+    model_loss = passes_loss_fn(eval_graphdef, params, state)
     return model_loss(params, {"inputs": preprocess(batch["inputs"]),
                                "labels": batch["labels"]})
 

@@ -14,7 +14,11 @@ optimizer and the jitted ``train_step`` come from
 (:mod:`experiments.workdir`); a killed run started again with the same
 ``--workdir`` resumes from its last checkpoint and ends where an unbroken run
 ends (the data order and every PRNG key are functions of the seed, the epoch
-and the step).
+and the step). At the end a run reports the best epoch's test accuracy and,
+under label noise, the fraction of the corrupted training labels the final
+model predicts (:func:`memorization`); with ``weight_trace_every`` set, some
+epochs' metrics also hold RW-SAM's weight trace
+(:mod:`experiments.weight_trace`).
 """
 
 import argparse
@@ -38,7 +42,9 @@ from experiments import input_pipeline
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
+from experiments import reporting
 from experiments import steps as steps_lib
+from experiments import weight_trace
 from experiments import workdir as workdir_lib
 import sam_optax
 
@@ -76,8 +82,10 @@ def calibrate_sigma(
   key = jax.random.key(0)
   batch = {"inputs": preprocessing.train(train_set.inputs[index], key),
            "labels": train_set.labels[index]}
-  loss_fn = nnx_glue.pure_loss_fn(initial.graphdef, initial.state,
-                                  steps_lib.per_example_loss, has_aux=True)
+  # In training mode, with BatchNorm, the loss couples the examples: the
+  # exact norms are then Jacobian rows, what the probe estimates.
+  loss_fn = steps_lib.passes_loss_fn(initial.graphdef, initial.params,
+                                     initial.state)
   return float(sam_optax.calibrate_sigma(
       loss_fn, initial.params, batch, key).sigma)
 
@@ -136,6 +144,25 @@ def evaluate(
     total_loss += float(loss)
     total_correct += float(correct)
   return {"loss": total_loss / size, "accuracy": total_correct / size}
+
+
+def memorization(
+    steps: steps_lib.Steps, train_state: steps_lib.TrainState,
+    train_set: data.ArrayDataset, batch_size: int,
+) -> dict[str, float | None]:
+  """How much of the label noise the model fits, in evaluation mode.
+
+  Returns ``memorization``, the fraction of the corrupted training examples
+  whose (noisy) label the model predicts, and ``clean_fit``, the same on the
+  others; both None when ``train_set`` has no ``corrupted`` mask.
+  """
+  corrupted = train_set.corrupted
+  if corrupted is None:
+    return {"memorization": None, "clean_fit": None}
+  fit = lambda mask: (evaluate(steps, train_state, train_set.take(mask),
+                               batch_size)["accuracy"] if mask.any()
+                      else None)
+  return {"memorization": fit(corrupted), "clean_fit": fit(~corrupted)}
 
 
 def train_epoch(
@@ -212,6 +239,10 @@ class RunResult(NamedTuple):
     config: the configuration (with a calibrated ``σ`` filled in).
     history: one dict of metrics per epoch (the lines of metrics.jsonl).
     train_state: the final state.
+    final: the end of training in a few numbers: ``test_accuracy`` (the last
+      epoch's), ``best_test_accuracy`` and ``best_epoch``
+      (:func:`experiments.reporting.best_epoch`), and :func:`memorization`'s
+      ``memorization`` and ``clean_fit``.
     noise_trace: ``tr Σ`` at the end, if asked for, else None.
     eval_loss_fn: the final model's per-example ``loss_fn(params, batch)`` in
       evaluation mode (:func:`experiments.steps.eval_loss_fn`), for
@@ -221,6 +252,7 @@ class RunResult(NamedTuple):
   config: config_lib.TrainConfig
   history: list[dict[str, Any]]
   train_state: steps_lib.TrainState
+  final: dict[str, Any]
   noise_trace: float | None
   eval_loss_fn: Callable[[Any, dict[str, jax.Array]], jax.Array]
 
@@ -266,6 +298,11 @@ def train(
     train_state, start_epoch, history = directory.restore(train_state)
   schedule = optimizers.learning_rate_schedule(config.optimizer, total_steps)
   run_key = jax.random.key(config.seed)
+  traced = weight_trace.trace_epochs(config.epochs, config.weight_trace_every)
+  if traced:
+    trace_examples = weight_trace.trace_set(
+        train_set, config.batch_size, config.weight_trace_batches,
+        config.label_noise_seed)
 
   own_bar = progress is True
   bar = (progress_bar(total=total_steps, initial=start_epoch * steps_per_epoch,
@@ -279,6 +316,10 @@ def train(
     record = {"epoch": epoch + 1, "step": step, **record,
               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
               "learning_rate": float(schedule(step))}
+    if epoch + 1 in traced:
+      record["weights"] = weight_trace.measure(
+          split, train_state.params, train_state.state, trace_examples,
+          config.batch_size, config.optimizer.rho, preprocessing.evaluate)
     history.append(record)
     if bar is not None:
       bar.set_postfix(loss=f"{record['train_loss']:.3f}",
@@ -298,6 +339,10 @@ def train(
   if directory is not None:
     directory.close()
 
+  final = {"test_accuracy": history[-1]["test_accuracy"] if history else None,
+           **reporting.best_epoch(history),
+           **memorization(steps, train_state, train_set,
+                          config.eval_batch_size)}
   eval_loss_fn = steps_lib.eval_loss_fn(
       split.eval_graphdef, train_state.state, preprocessing.evaluate)
   noise_trace = None
@@ -306,7 +351,8 @@ def train(
                                       train_state.params, train_set)
     if directory is not None:
       directory.save_noise_trace(noise_trace, config.noise_trace_examples)
-  return RunResult(config, history, train_state, noise_trace, eval_loss_fn)
+  return RunResult(config, history, train_state, final, noise_trace,
+                   eval_loss_fn)
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult | None:
@@ -336,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
       + f"-seed{config.seed}")
   result = train(config, workdir, progress=not args.no_progress)
   last = result.history[-1] if result.history else {}
-  print(json.dumps({"workdir": str(workdir), **last,
+  print(json.dumps({"workdir": str(workdir), **last, **result.final,
                     "noise_trace": result.noise_trace}))
   return result
 

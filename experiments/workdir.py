@@ -24,6 +24,21 @@ from experiments import config as config_lib
 from experiments import steps as steps_lib
 
 
+def _as_json(config: config_lib.TrainConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(config.to_dict()))
+
+
+def _stored(config_path: pathlib.Path) -> dict[str, Any] | None:
+  """The configuration in ``config_path``, fields added since it was written
+  at their defaults (so such a run still resumes); None if it no longer
+  parses."""
+  try:
+    return _as_json(config_lib.TrainConfig.from_dict(
+        json.loads(config_path.read_text())))
+  except TypeError:  # a field that no longer exists
+    return None
+
+
 class Workdir:
   """A run's directory (see the module's docstring).
 
@@ -36,8 +51,8 @@ class Workdir:
     self.path = pathlib.Path(path)
     self.path.mkdir(parents=True, exist_ok=True)
     config_path = self.path / "config.json"
-    as_json = json.loads(json.dumps(config.to_dict()))
-    if config_path.exists() and json.loads(config_path.read_text()) != as_json:
+    as_json = _as_json(config)
+    if config_path.exists() and _stored(config_path) != as_json:
       raise ValueError(
           f"{self.path} holds a run of another configuration ({config_path});"
           " resume it with that configuration or use a new --workdir.")

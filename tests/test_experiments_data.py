@@ -48,6 +48,25 @@ def test_label_noise_seeds_differ_and_bad_rates_fail():
   assert data.with_label_noise(dataset, 0.0, 10, 0) is dataset
 
 
+def test_label_noise_marks_exactly_the_labels_it_replaced():
+  labels = np.arange(1000) % 10
+  dataset = data.ArrayDataset(np.arange(1000, dtype=np.float32), labels)
+  assert dataset.corrupted is None
+  noisy = data.with_label_noise(dataset, 0.3, 10, seed=4)
+  np.testing.assert_array_equal(
+      noisy.labels, data.symmetric_label_noise(labels, 0.3, 10, seed=4))
+  np.testing.assert_array_equal(noisy.corrupted, noisy.labels != labels)
+  assert noisy.corrupted.dtype == bool and noisy.corrupted.sum() == 300
+  # take() keeps inputs, labels and the mask together.
+  head = noisy.take(slice(10))
+  assert head.size == 10 and head.corrupted.shape == (10,)
+  picked = noisy.take(noisy.corrupted)
+  assert picked.size == 300 and picked.corrupted.all()
+  np.testing.assert_array_equal(picked.inputs, np.flatnonzero(
+      noisy.corrupted))
+  assert dataset.take(slice(5)).corrupted is None
+
+
 @hypothesis.given(size=st.integers(8, 300), batch_size=st.integers(1, 8),
                   seed=st.integers(0, 1000), epoch=st.integers(0, 50))
 def test_epoch_batches_are_disjoint_and_deterministic(size, batch_size, seed,

@@ -131,7 +131,7 @@ def test_perturbed_passes_leave_batch_norm_running_stats_alone(optimizer):
   assert not _leaves_equal(want, initial)
 
 
-def test_pure_loss_fn_uses_batch_statistics_and_discards_their_update():
+def test_passes_loss_fn_uses_batch_statistics_and_discards_their_update():
   build, shape = FAMILIES["resnet"]
   model = build(nnx.Rngs(0))
   split = nnx_glue.split(model)
@@ -142,8 +142,12 @@ def test_pure_loss_fn_uses_batch_statistics_and_discards_their_update():
     return optax.softmax_cross_entropy_with_integer_labels(
         model(batch["inputs"]), batch["labels"])
 
-  loss_fn = jax.jit(nnx_glue.pure_loss_fn(split.graphdef, split.state,
-                                          per_example))
+  passes_loss_fn = steps.passes_loss_fn(split.graphdef, split.params,
+                                        split.state)
+  # BatchNorm in training mode couples the examples (exact per-example
+  # norms then take Jacobian rows).
+  assert passes_loss_fn.couples_examples
+  loss_fn = jax.jit(passes_loss_fn)
   losses = loss_fn(split.params, batch)
   assert losses.shape == (BATCH,)
   assert _leaves_equal(before, split.state)

@@ -19,13 +19,14 @@ from experiments import models
 from experiments import optimizers
 from experiments import steps
 from experiments import train
+from experiments import weight_trace
 
 
-def _small_mnist1d(train_examples=256):
+def _small_mnist1d(train_examples=256, label_noise=0.0):
   splits = data.load_mnist1d()
-  return splits._replace(
-      train=data.ArrayDataset(*(x[:train_examples] for x in splits.train)),
-      test=data.ArrayDataset(*(x[:200] for x in splits.test)))
+  train_set = data.with_label_noise(splits.train.take(slice(train_examples)),
+                                    label_noise, 10, seed=0)
+  return splits._replace(train=train_set, test=splits.test.take(slice(200)))
 
 
 def _config(**overrides):
@@ -41,9 +42,11 @@ def _same_history(a, b):
 
 
 def test_a_killed_run_resumes_to_the_result_of_an_unbroken_one(tmp_path):
-  splits = _small_mnist1d()
-  # RW-SAM draws a probe each step: resuming must replay the same keys.
-  config = _config(checkpoint_every=2)
+  splits = _small_mnist1d(label_noise=0.25)
+  # RW-SAM draws a probe each step: resuming must replay the same keys. The
+  # weight trace of epoch 3 is measured again, and equal.
+  config = _config(checkpoint_every=2, weight_trace_every=3,
+                   weight_trace_batches=2)
   unbroken = train.train(config, tmp_path / "unbroken", splits=splits,
                          progress=False)
   # Killed after epoch 3: its last checkpoint is epoch 2, and metrics.jsonl
@@ -57,17 +60,75 @@ def test_a_killed_run_resumes_to_the_result_of_an_unbroken_one(tmp_path):
                   jax.tree.leaves(resumed.train_state)):
     np.testing.assert_array_equal(a, b)
   assert _same_history(unbroken.history, resumed.history)
+  assert resumed.final == unbroken.final
+  assert [line["epoch"] for line in resumed.history if "weights" in line] == [
+      1, 3, 4]
   lines = [json.loads(line) for line in
            (killed_dir / "metrics.jsonl").read_text().splitlines()]
   assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
   assert _same_history(lines, unbroken.history)
-  # A finished run started again has nothing left to do.
+  # A finished run started again has nothing left to do; one written before
+  # a field was added (at its default) still opens.
+  stored = json.loads((killed_dir / "config.json").read_text())
+  del stored["noise_trace_examples"]
+  (killed_dir / "config.json").write_text(json.dumps(stored))
   again = train.train(config, killed_dir, splits=splits, progress=False)
   assert _same_history(again.history, unbroken.history)
   # Another configuration in the same workdir is refused.
   with pytest.raises(ValueError, match="another configuration"):
     train.train(dataclasses.replace(config, seed=5), killed_dir,
                 splits=splits, progress=False)
+
+
+def test_final_metrics_and_the_weight_trace_leave_training_alone():
+  splits = _small_mnist1d(label_noise=0.25)
+  config = _config()  # the steps of the test above, compiled
+  plain = train.train(config, splits=splits, progress=False)
+  traced = train.train(dataclasses.replace(config, weight_trace_every=2,
+                                           weight_trace_batches=2),
+                       splits=splits, progress=False)
+  for a, b in zip(jax.tree.leaves(plain.train_state),
+                  jax.tree.leaves(traced.train_state)):
+    np.testing.assert_array_equal(a, b)
+  without = [{k: v for k, v in line.items() if k != "weights"}
+             for line in traced.history]
+  assert _same_history(plain.history, without)
+  assert plain.final == traced.final
+  final = traced.final
+  assert final["test_accuracy"] == traced.history[-1]["test_accuracy"]
+  assert final["best_test_accuracy"] >= final["test_accuracy"]
+  assert final["best_test_accuracy"] == max(
+      line["test_accuracy"] for line in traced.history)
+  assert 0 <= final["memorization"] <= 1 and 0 <= final["clean_fit"] <= 1
+  weights = [line["weights"] for line in traced.history if "weights" in line]
+  assert len(weights) == 3  # epochs 1, 2 and 4
+  for trace in weights:
+    assert 0 < trace["corrupted_fraction"] < 1
+    for reading in weight_trace.READINGS:
+      assert 0 <= trace["share"][reading] <= 1
+      assert 1 - 1e-3 <= trace["ess"][reading] <= 64 + 1e-3
+
+
+def test_memorization_is_the_fit_of_the_noisy_labels_of_corrupted_examples():
+  # A stand-in model predicting inputs[:, 0]. Examples 0-3 are corrupted:
+  # 0 and 1 are predicted as their noisy label (memorized), 2 and 3 as their
+  # clean one (not memorized); of the clean examples 4-7, two are fitted.
+  clean = np.arange(8)
+  noisy = np.array([5, 6, 7, 8, 4, 5, 6, 7])
+  predicted = np.array([5, 6, 2, 3, 4, 5, 0, 0])
+  train_set = data.ArrayDataset(predicted[:, None].astype(np.float32), noisy,
+                                noisy != clean)
+
+  def eval_step(params, state, inputs, labels, mask):
+    correct = (inputs[:, 0] == labels) * mask
+    return 0.0, np.sum(correct)
+
+  fake = steps.Steps(tx=None, train_step=None, eval_step=eval_step)
+  state = steps.TrainState(0, None, None, None)
+  assert train.memorization(fake, state, train_set, batch_size=3) == {
+      "memorization": 0.5, "clean_fit": 0.5}
+  assert train.memorization(fake, state, train_set._replace(corrupted=None),
+                            batch_size=3)["memorization"] is None
 
 
 def test_seeds_are_deterministic_and_distinct(monkeypatch):
@@ -234,11 +295,16 @@ def test_main_job_end_to_end_in_a_tiny_setting(tmp_path, capsys):
     assert len(entry["test_accuracy_per_seed"]) == 2
     assert 0.0 <= entry["test_accuracy"]["mean"] <= 1.0
     assert entry["seconds_per_epoch"] > 0
+    for final, best in zip(entry["test_accuracy_per_seed"],
+                           entry["best_test_accuracy_per_seed"]):
+      assert best >= final
+    assert all(0 <= m <= 1 for m in entry["memorization_per_seed"])
   assert json.loads((tmp_path / "results.json").read_text())["summary"] == (
       summary)
   assert (tmp_path / "accuracy.png").stat().st_size > 10_000
   table = capsys.readouterr().out
   assert "m_sam(m=32)" in table and "±" in table and "s / epoch" in table
+  assert "best epoch" in table and "memorized %" in table
   runs = results["runs"]["rw_sam"]
   assert runs[0]["config"]["label_noise"] == 0.25
   assert len(runs[0]["history"]) == 2
