@@ -34,6 +34,8 @@ BATCH_NORM_FAMILIES = ("resnet", "resnet_bottleneck", "wide_resnet")
 # optimizers of the BatchNorm test on the ResNet (compiled once for both
 # tests); the rest of the cross product (compile time) runs with `-m slow`.
 BATCH_NORM_OPTIMIZERS = ("sam", "m_sam", "rw_sam")
+# Pinned to their formulas in tests/test_new_variants.py; here, with -m slow.
+SLOW_ON_EVERY_FAMILY = ("gsam", "wsam", "vasso", "look_sam", "momentum_sam")
 OPTIONS = {"m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
            "rw_sam": {"lam": 0.5}, "rw_asam": {"lam": 0.5}}
 
@@ -74,8 +76,10 @@ def _leaves_equal(a, b):
 def _cross_product():
   for family in FAMILIES:
     for optimizer in optimizers.VARIANTS:
-      default = (family == "cnn1d" or optimizer == "sam" or (
-          family == "resnet" and optimizer in BATCH_NORM_OPTIMIZERS))
+      default = (
+          (family == "cnn1d" and optimizer not in SLOW_ON_EVERY_FAMILY)
+          or optimizer == "sam"
+          or (family == "resnet" and optimizer in BATCH_NORM_OPTIMIZERS))
       marks = () if default else (pytest.mark.slow,)
       yield pytest.param(optimizer, family, marks=marks,
                          id=f"{optimizer}-{family}")
