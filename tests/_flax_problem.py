@@ -6,26 +6,18 @@ random pattern under noise, in batches of 8 (the README's nets take
 """
 
 import functools
-import pathlib
-import re
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+from _problems import readme_snippet
+
 BATCH = 8
 CLASSES = 3
 STEPS = 40  # of the README's training loops
 
-
-def readme_snippet(marker: str) -> str:
-  """The fenced python block right after ``marker`` in README.md."""
-  text = README.read_text(encoding="utf-8")
-  assert marker in text, f"the README lost its snippet {marker}"
-  after = text.split(marker, 1)[1]
-  return re.match(r"\s*```python\n(.*?)```", after, re.DOTALL).group(1)
 
 
 def run_snippet(marker: str, **names) -> dict:

@@ -1,6 +1,9 @@
 """Small problems shared by the tests: a two-layer MLP and a quadratic; and
 the compiled FLOPs of a function."""
 
+import pathlib
+import re
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -92,3 +95,14 @@ def compiled_flops(fn, *args):
   if not cost or "flops" not in cost:
     pytest.skip("this backend reports no FLOP count")
   return cost["flops"]
+
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_snippet(marker):
+  """The fenced python block right after ``marker`` in README.md."""
+  text = README.read_text(encoding="utf-8")
+  assert marker in text, f"the README lost its snippet {marker}"
+  after = text.split(marker, 1)[1]
+  return re.match(r"\s*```python\n(.*?)```", after, re.DOTALL).group(1)

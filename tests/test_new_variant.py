@@ -7,28 +7,21 @@ the first step), ``ε_t = ρ d_t / ‖d_t‖``, returned ``∇L_B(w_t + ε_t)``,
 and without ``jit``, with the clean gradient given and with ``updates=None``.
 """
 
-import pathlib
-import re
-
 import chex
 import jax
 import optax
 import pytest
 
 from _problems import add, global_norm, mean_loss
-from _problems import mlp_batch, mlp_loss, mlp_params
+from _problems import mlp_batch, mlp_loss, mlp_params, readme_snippet
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- new-variant snippet: run by tests/test_new_variant.py -->"
 RHO = 0.05
 LR = 0.1
 
 
 def _snippet_scope():
-  text = README.read_text(encoding="utf-8")
-  assert MARKER in text, "the README lost its new-variant snippet"
-  after = text.split(MARKER, 1)[1]
-  code = re.match(r"\s*```python\n(.*?)```", after, re.DOTALL).group(1)
+  code = readme_snippet(MARKER)
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   return scope
