@@ -23,14 +23,19 @@ ROOT = DOCS.parent
 # small programs and run each once or twice, so the CPU compiler's slower
 # optimizations cost more than they save (the doctests take a quarter less).
 _XLA_FLAGS = {
-    "--xla_force_host_platform_device_count": "4",
-    "--xla_backend_optimization_level": "0",
-    "--xla_llvm_disable_expensive_passes": "true",
+  "--xla_force_host_platform_device_count": "4",
+  "--xla_backend_optimization_level": "0",
+  "--xla_llvm_disable_expensive_passes": "true",
 }
 _xla_flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join([_xla_flags] + [
-    f"{flag}={value}" for flag, value in _XLA_FLAGS.items()
-    if flag not in _xla_flags]).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+  [_xla_flags]
+  + [
+    f"{flag}={value}"
+    for flag, value in _XLA_FLAGS.items()
+    if flag not in _xla_flags
+  ]
+).strip()
 
 # The checkout's own package, whatever is installed; then docs/_ext.
 sys.path.insert(0, str(ROOT))
@@ -49,14 +54,14 @@ version = release
 # -- General -------------------------------------------------------------------
 
 extensions = [
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.doctest",
-    "sphinx.ext.mathjax",
-    "sphinx-mathjax-offline",
-    "sphinx.ext.napoleon",
-    "myst_parser",
-    "public_api",  # docs/_ext: every public name has an API entry, and more
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.doctest",
+  "sphinx.ext.mathjax",
+  "sphinx-mathjax-offline",
+  "sphinx.ext.napoleon",
+  "myst_parser",
+  "public_api",  # docs/_ext: every public name has an API entry, and more
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -71,9 +76,12 @@ templates_path = []
 # private helpers (docs/_ext/public_api.py).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|optax|numpy|np|flax|typing|collections)(\..*)?"),
-    (r"py:.*", r"(Any|Callable|Hashable|Literal|NamedTuple|Protocol|Sequence"
-     r"|ArrayLike|Array|ArrayTree|None|bool|int|float|str|tuple|list|dict)"),
+  (r"py:.*", r"(jax|jaxlib|optax|numpy|np|flax|typing|collections)(\..*)?"),
+  (
+    r"py:.*",
+    r"(Any|Callable|Hashable|Literal|NamedTuple|Protocol|Sequence"
+    r"|ArrayLike|Array|ArrayTree|None|bool|int|float|str|tuple|list|dict)",
+  ),
 ]
 
 # -- autodoc, autosummary and napoleon -----------------------------------------
@@ -112,8 +120,8 @@ from docstring_problem import *
 html_theme = "sphinx_book_theme"
 html_title = f"sam_optax {release}"
 html_theme_options = {
-    "show_toc_level": 2,
-    "navigation_with_keys": False,
+  "show_toc_level": 2,
+  "navigation_with_keys": False,
 }
 html_static_path = []
 html_show_sourcelink = False

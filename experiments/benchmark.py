@@ -107,8 +107,12 @@ def _memory(compiled: Any) -> tuple[int, int]:
     return -1, -1
   # Arguments + outputs + temporaries (less the outputs aliasing inputs):
   # everything the step holds at once by XLA's buffer assignment.
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  total = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    + stats.temp_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
   return stats.temp_size_in_bytes, total
 
 
@@ -129,8 +133,8 @@ def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
 
 
 def transform_runner(
-    make: Callable[[], optax.GradientTransformationExtraArgs] | None,
-    prepare: Callable[[Any], Any] | None = None,
+  make: Callable[[], optax.GradientTransformationExtraArgs] | None,
+  prepare: Callable[[Any], Any] | None = None,
 ) -> Callable[[Setup], Runner]:
   """A train step with ``make()`` chained before SGD (plain SGD if None).
 
@@ -142,31 +146,53 @@ def transform_runner(
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     tx = base if make is None else optax.chain(make(), base)
-    loss_fn = steps_lib.passes_loss_fn(setup.graphdef, setup.params,
-                                       setup.state)
+    loss_fn = steps_lib.passes_loss_fn(
+      setup.graphdef, setup.params, setup.state
+    )
 
     def train_step(params, state, opt_state, batch, key):
       _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
-          setup.graphdef, state, steps_lib.per_example_loss, params, batch,
-          has_aux=True)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     loss_fn=loss_fn, batch=batch, key=key)
+        setup.graphdef,
+        state,
+        steps_lib.per_example_loss,
+        params,
+        batch,
+        has_aux=True,
+      )
+      updates, opt_state = tx.update(
+        grads, opt_state, params, loss_fn=loss_fn, batch=batch, key=key
+      )
       return optax.apply_updates(params, updates), new_state, opt_state
 
     opt_state = tx.init(setup.params)
     if prepare is not None:
       opt_state = prepare(opt_state)
-    args = (setup.params, setup.state, opt_state, setup.batch,
-            jax.random.key(0))
+    args = (
+      setup.params,
+      setup.state,
+      opt_state,
+      setup.batch,
+      jax.random.key(0),
+    )
     compiled, seconds, temp, total = _compile(train_step, *args)
     costed = compiled
     if prepare is not None:
-      costed = jax.jit(
+      costed = (
+        jax.jit(
           lambda params, state, batch, key: train_step(
-              params, state, opt_state, batch, key)).lower(
-                  *args[:2], *args[3:]).compile()
-    return Runner(lambda: jax.block_until_ready(compiled(*args)), seconds,
-                  temp, total, *_cost(costed))
+            params, state, opt_state, batch, key
+          )
+        )
+        .lower(*args[:2], *args[3:])
+        .compile()
+      )
+    return Runner(
+      lambda: jax.block_until_ready(compiled(*args)),
+      seconds,
+      temp,
+      total,
+      *_cost(costed),
+    )
 
   return build
 
@@ -182,33 +208,46 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     sam = sam_optax.sam(RHO)
-    loss_fn = steps_lib.passes_loss_fn(setup.graphdef, setup.params,
-                                       setup.state)
+    loss_fn = steps_lib.passes_loss_fn(
+      setup.graphdef, setup.params, setup.state
+    )
     count = setup.batch["labels"].shape[0] // micro_batch_size
 
     def micro_step(params, total, batch, j):
       micro = jax.tree.map(
-          lambda x: jax.lax.dynamic_slice_in_dim(x, j * micro_batch_size,
-                                                 micro_batch_size), batch)
-      gradient, _ = sam.update(None, optax.EmptyState(), params,
-                               loss_fn=loss_fn, batch=micro)
+        lambda x: jax.lax.dynamic_slice_in_dim(
+          x, j * micro_batch_size, micro_batch_size
+        ),
+        batch,
+      )
+      gradient, _ = sam.update(
+        None, optax.EmptyState(), params, loss_fn=loss_fn, batch=micro
+      )
       return optax.tree.add(total, gradient)
 
     def finish(params, state, opt_state, batch, total):
       _, _, new_state, _ = nnx_glue.loss_grad_and_state(
-          setup.graphdef, state, steps_lib.per_example_loss, params, batch,
-          has_aux=True)
-      updates, opt_state = base.update(optax.tree.scale(1 / count, total),
-                                       opt_state, params)
+        setup.graphdef,
+        state,
+        steps_lib.per_example_loss,
+        params,
+        batch,
+        has_aux=True,
+      )
+      updates, opt_state = base.update(
+        optax.tree.scale(1 / count, total), opt_state, params
+      )
       return optax.apply_updates(params, updates), new_state, opt_state
 
     zeros = optax.tree.zeros_like(setup.params)
     opt_state = base.init(setup.params)
     index = jnp.asarray(0, jnp.int32)
     step_c, step_s, step_temp, step_total = _compile(
-        micro_step, setup.params, zeros, setup.batch, index)
+      micro_step, setup.params, zeros, setup.batch, index
+    )
     finish_c, finish_s, finish_temp, finish_total = _compile(
-        finish, setup.params, setup.state, opt_state, setup.batch, zeros)
+      finish, setup.params, setup.state, opt_state, setup.batch, zeros
+    )
     indices = [jnp.asarray(j, jnp.int32) for j in range(count)]
 
     def run():
@@ -216,14 +255,19 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
       for j in indices:
         total = step_c(setup.params, total, setup.batch, j)
       jax.block_until_ready(
-          finish_c(setup.params, setup.state, opt_state, setup.batch, total))
+        finish_c(setup.params, setup.state, opt_state, setup.batch, total)
+      )
 
     step_flops, step_bytes = _cost(step_c)
     finish_flops, finish_bytes = _cost(finish_c)
-    return Runner(run, step_s + finish_s, max(step_temp, finish_temp),
-                  max(step_total, finish_total),
-                  count * step_flops + finish_flops,
-                  count * step_bytes + finish_bytes)
+    return Runner(
+      run,
+      step_s + finish_s,
+      max(step_temp, finish_temp),
+      max(step_total, finish_total),
+      count * step_flops + finish_flops,
+      count * step_bytes + finish_bytes,
+    )
 
   return build
 
@@ -236,21 +280,31 @@ class Variant:
   build: Callable[[Setup], Runner]
 
 
-def _m_sam(micro_batch_size: int, implementation: str,
-           per_chunk: int | None = None, name: str | None = None) -> Variant:
+def _m_sam(
+  micro_batch_size: int,
+  implementation: str,
+  per_chunk: int | None = None,
+  name: str | None = None,
+) -> Variant:
   suffix = f"/chunk={per_chunk}" if per_chunk else ""
   return Variant(
-      name or f"m_sam/{implementation}/m={micro_batch_size}{suffix}",
-      transform_runner(lambda: sam_optax.m_sam(
-          RHO, micro_batch_size, implementation=implementation,
-          micro_batches_per_chunk=per_chunk)))
+    name or f"m_sam/{implementation}/m={micro_batch_size}{suffix}",
+    transform_runner(
+      lambda: sam_optax.m_sam(
+        RHO,
+        micro_batch_size,
+        implementation=implementation,
+        micro_batches_per_chunk=per_chunk,
+      )
+    ),
+  )
 
 
 def variants(setup: Setup) -> list[Variant]:
   """The registry. Add a transform with one ``Variant`` line."""
   entries = [
-      Variant("sgd", transform_runner(None)),
-      Variant("sam", transform_runner(lambda: sam_optax.sam(RHO))),
+    Variant("sgd", transform_runner(None)),
+    Variant("sam", transform_runner(lambda: sam_optax.sam(RHO))),
   ]
   for m in setup.micro_batch_sizes:
     entries.append(_m_sam(m, "vmap"))
@@ -268,56 +322,80 @@ def variants(setup: Setup) -> list[Variant]:
     entries.append(Variant(f"m_sam/sequential/m={m}", sequential_runner(m)))
   # The other members of the family.
   entries += [
-      Variant("asam", transform_runner(lambda: sam_optax.asam(0.5))),
-      Variant("f_sam", transform_runner(lambda: sam_optax.f_sam(RHO))),
-      Variant("rw_sam", transform_runner(lambda: sam_optax.rw_sam(RHO, 0.5))),
-      Variant("rw_asam",
-              transform_runner(lambda: sam_optax.rw_asam(0.5, 0.5))),
-      Variant("gsam", transform_runner(lambda: sam_optax.gsam(RHO))),
-      Variant("wsam", transform_runner(lambda: sam_optax.wsam(RHO))),
-      Variant("vasso", transform_runner(lambda: sam_optax.vasso(RHO))),
-      Variant("momentum_sam",
-              transform_runner(lambda: sam_optax.momentum_sam(RHO))),
+    Variant("asam", transform_runner(lambda: sam_optax.asam(0.5))),
+    Variant("f_sam", transform_runner(lambda: sam_optax.f_sam(RHO))),
+    Variant("rw_sam", transform_runner(lambda: sam_optax.rw_sam(RHO, 0.5))),
+    Variant("rw_asam", transform_runner(lambda: sam_optax.rw_asam(0.5, 0.5))),
+    Variant("gsam", transform_runner(lambda: sam_optax.gsam(RHO))),
+    Variant("wsam", transform_runner(lambda: sam_optax.wsam(RHO))),
+    Variant("vasso", transform_runner(lambda: sam_optax.vasso(RHO))),
+    Variant(
+      "momentum_sam", transform_runner(lambda: sam_optax.momentum_sam(RHO))
+    ),
   ]
   # LookSAM's two kinds of step, from a state whose counter selects each.
   for name, count in (("look_sam/sam_step", 0), ("look_sam/between", 1)):
-    entries.append(Variant(name, transform_runner(
-        lambda: sam_optax.look_sam(RHO, LOOK_SAM_EVERY_K),
-        functools.partial(_at_step, count=count))))
+    entries.append(
+      Variant(
+        name,
+        transform_runner(
+          lambda: sam_optax.look_sam(RHO, LOOK_SAM_EVERY_K),
+          functools.partial(_at_step, count=count),
+        ),
+      )
+    )
   return entries
 
 
 def _at_step(opt_state: Any, count: int) -> Any:
   """``chain(look_sam, sgd)``'s state with LookSAM's counter at ``count``."""
-  return (opt_state[0]._replace(count=jnp.asarray(count, jnp.int32)),
-          *opt_state[1:])
+  return (
+    opt_state[0]._replace(count=jnp.asarray(count, jnp.int32)),
+    *opt_state[1:],
+  )
 
 
-def make_setup(model_name: str, batch_size: int, num_classes: int,
-               micro_batch_sizes: Sequence[int], chunked: int,
-               sequential: Sequence[int]) -> Setup:
+def make_setup(
+  model_name: str,
+  batch_size: int,
+  num_classes: int,
+  micro_batch_sizes: Sequence[int],
+  chunked: int,
+  sequential: Sequence[int],
+) -> Setup:
   model = models.create_model(model_name, num_classes=num_classes, seed=0)
   split = nnx_glue.split(model)
   rng = np.random.default_rng(0)
   batch = {
-      "inputs": jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)),
-                            jnp.float32),
-      "labels": jnp.asarray(rng.integers(0, num_classes, size=batch_size)),
+    "inputs": jnp.asarray(
+      rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32
+    ),
+    "labels": jnp.asarray(rng.integers(0, num_classes, size=batch_size)),
   }
-  return Setup(split.graphdef, split.params, split.state, batch,
-               tuple(micro_batch_sizes), chunked, tuple(sequential))
+  return Setup(
+    split.graphdef,
+    split.params,
+    split.state,
+    batch,
+    tuple(micro_batch_sizes),
+    chunked,
+    tuple(sequential),
+  )
 
 
-def _ratio(times: dict[str, list[float]], numerator: str,
-           denominator: str) -> float | None:
+def _ratio(
+  times: dict[str, list[float]], numerator: str, denominator: str
+) -> float | None:
   if numerator not in times or denominator not in times:
     return None
   return statistics.median(
-      a / b for a, b in zip(times[numerator], times[denominator]))
+    a / b for a, b in zip(times[numerator], times[denominator])
+  )
 
 
-def report_ratios(times: dict[str, list[float]], setup: Setup,
-                  on_gpu: bool) -> list[tuple[str, float, str]]:
+def report_ratios(
+  times: dict[str, list[float]], setup: Setup, on_gpu: bool
+) -> list[tuple[str, float, str]]:
   """The ratios asked for, as ``(label, value, target or "")``."""
   rows = [("sam / sgd", _ratio(times, "sam", "sgd"), "")]
   for implementation in ("vmap", "unrolled"):
@@ -335,15 +413,29 @@ def report_ratios(times: dict[str, list[float]], setup: Setup,
   for m in setup.sequential_micro_batch_sizes:
     for form in ("sequential", "loop"):
       sequential = f"m_sam/{form}/m={m}"
-      rows.append((f"{sequential} / sam", _ratio(times, sequential, "sam"),
-                   ""))
+      rows.append((f"{sequential} / sam", _ratio(times, sequential, "sam"), ""))
       for implementation in ("vmap", "unrolled"):
         name = f"m_sam/{implementation}/m={m}"
         target = ">= 5" if implementation == "vmap" and m == 8 else ""
-        rows.append((f"{sequential} / {name} (speed-up)",
-                     _ratio(times, sequential, name), target))
-  for name in ("asam", "f_sam", "rw_sam", "rw_asam", "gsam", "wsam", "vasso",
-               "momentum_sam", "look_sam/sam_step", "look_sam/between"):
+        rows.append(
+          (
+            f"{sequential} / {name} (speed-up)",
+            _ratio(times, sequential, name),
+            target,
+          )
+        )
+  for name in (
+    "asam",
+    "f_sam",
+    "rw_sam",
+    "rw_asam",
+    "gsam",
+    "wsam",
+    "vasso",
+    "momentum_sam",
+    "look_sam/sam_step",
+    "look_sam/between",
+  ):
     rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
   for name in ("momentum_sam", "look_sam/between"):
     rows.append((f"{name} / sgd", _ratio(times, name, "sgd"), "~1"))
@@ -351,33 +443,54 @@ def report_ratios(times: dict[str, list[float]], setup: Setup,
   between = _ratio(times, "look_sam/between", "sam")
   if sam_step is not None and between is not None:
     k = LOOK_SAM_EVERY_K
-    rows.append((f"look_sam (k={k}, mean step) / sam",
-                 (sam_step + (k - 1) * between) / k, ""))
-  return [(label, value, target) for label, value, target in rows
-          if value is not None]
+    rows.append(
+      (
+        f"look_sam (k={k}, mean step) / sam",
+        (sam_step + (k - 1) * between) / k,
+        "",
+      )
+    )
+  return [
+    (label, value, target) for label, value, target in rows if value is not None
+  ]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.benchmark",
-      description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="auto",
-                      choices=["auto", "small_cnn", "resnet18"],
-                      help="auto: small_cnn on a CPU, resnet18 on a GPU/TPU.")
+    prog="python -m experiments.benchmark", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--model",
+    default="auto",
+    choices=["auto", "small_cnn", "resnet18"],
+    help="auto: small_cnn on a CPU, resnet18 on a GPU/TPU.",
+  )
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--num-classes", type=int, default=100)
-  parser.add_argument("--micro-batch-sizes", type=int, nargs="+",
-                      default=[4, 8, 16, 32, 64])
-  parser.add_argument("--chunked-micro-batch-size", type=int, default=16,
-                      help="m of the chunked (memory-bounded) variants.")
-  parser.add_argument("--sequential-micro-batch-sizes", type=int, nargs="+",
-                      default=[8, 16])
-  parser.add_argument("--full", action="store_true",
-                      help="10 rounds of 3 steps (default: 3 rounds of 1).")
+  parser.add_argument(
+    "--micro-batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64]
+  )
+  parser.add_argument(
+    "--chunked-micro-batch-size",
+    type=int,
+    default=16,
+    help="m of the chunked (memory-bounded) variants.",
+  )
+  parser.add_argument(
+    "--sequential-micro-batch-sizes", type=int, nargs="+", default=[8, 16]
+  )
+  parser.add_argument(
+    "--full",
+    action="store_true",
+    help="10 rounds of 3 steps (default: 3 rounds of 1).",
+  )
   parser.add_argument("--repeats", type=int, help="rounds (overrides).")
   parser.add_argument("--steps", type=int, help="steps per round (overrides).")
-  parser.add_argument("--only", default=None,
-                      help="regex on variant names; sgd and sam always run.")
+  parser.add_argument(
+    "--only",
+    default=None,
+    help="regex on variant names; sgd and sam always run.",
+  )
   parser.add_argument("--json", default=None, help="write the results here.")
   args = parser.parse_args(argv)
   repeats = args.repeats or (10 if args.full else 3)
@@ -387,26 +500,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if model_name == "auto":
     model_name = "resnet18" if on_gpu else "small_cnn"
 
-  setup = make_setup(model_name, args.batch_size, args.num_classes,
-                     args.micro_batch_sizes, args.chunked_micro_batch_size,
-                     args.sequential_micro_batch_sizes)
-  entries = [v for v in variants(setup)
-             if v.name in ("sgd", "sam") or args.only is None
-             or re.search(args.only, v.name)]
+  setup = make_setup(
+    model_name,
+    args.batch_size,
+    args.num_classes,
+    args.micro_batch_sizes,
+    args.chunked_micro_batch_size,
+    args.sequential_micro_batch_sizes,
+  )
+  entries = [
+    v
+    for v in variants(setup)
+    if v.name in ("sgd", "sam")
+    or args.only is None
+    or re.search(args.only, v.name)
+  ]
   machine = reporting.describe_machine(reporting.machine())
   print(machine)
-  print("command: python -m experiments.benchmark",
-        shlex.join(sys.argv[1:] if argv is None else argv))
-  print(f"model {model_name}, batch {args.batch_size}, {repeats} rounds x"
-        f" {steps} steps, {len(entries)} variants", flush=True)
+  print(
+    "command: python -m experiments.benchmark",
+    shlex.join(sys.argv[1:] if argv is None else argv),
+  )
+  print(
+    f"model {model_name}, batch {args.batch_size}, {repeats} rounds x"
+    f" {steps} steps, {len(entries)} variants",
+    flush=True,
+  )
 
   runners = {}
   for variant in entries:
     runner = variant.build(setup)
     runner.run()  # warm up: first-run allocations
     runners[variant.name] = runner
-    print(f"  compiled {variant.name} in {runner.compile_seconds:.1f} s",
-          flush=True)
+    print(
+      f"  compiled {variant.name} in {runner.compile_seconds:.1f} s", flush=True
+    )
 
   names = list(runners)
   times = {name: [] for name in names}
@@ -419,39 +547,68 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       times[name].append((time.perf_counter() - start) / steps)
     print(f"  round {round_index + 1}/{repeats} done", flush=True)
 
-  mib = 2.0 ** 20
-  print("\n" + reporting.markdown_table(
-      [("variant", "median step (ms)", "/ sam", "GFLOP", "FLOPs / sam",
-        "accessed (MiB)", "compile (s)", "temp (MiB)", "total (MiB)")]
-      + [(name, f"{1e3 * statistics.median(times[name]):.1f}",
+  mib = 2.0**20
+  print(
+    "\n"
+    + reporting.markdown_table(
+      [
+        (
+          "variant",
+          "median step (ms)",
+          "/ sam",
+          "GFLOP",
+          "FLOPs / sam",
+          "accessed (MiB)",
+          "compile (s)",
+          "temp (MiB)",
+          "total (MiB)",
+        )
+      ]
+      + [
+        (
+          name,
+          f"{1e3 * statistics.median(times[name]):.1f}",
           f"{_ratio(times, name, 'sam'):.2f}",
           f"{runners[name].flops / 1e9:.3f}",
           f"{runners[name].flops / runners['sam'].flops:.2f}",
           f"{runners[name].bytes_accessed / mib:.1f}",
           f"{runners[name].compile_seconds:.1f}",
           f"{runners[name].temp_bytes / mib:.1f}",
-          f"{runners[name].total_bytes / mib:.1f}") for name in names]))
+          f"{runners[name].total_bytes / mib:.1f}",
+        )
+        for name in names
+      ]
+    )
+  )
   ratios = report_ratios(times, setup, on_gpu)
-  print("\n" + reporting.markdown_table(
+  print(
+    "\n"
+    + reporting.markdown_table(
       [("ratio (median over rounds)", "value", "target")]
-      + [(label, f"{value:.2f}", target) for label, value, target in ratios]))
+      + [(label, f"{value:.2f}", target) for label, value, target in ratios]
+    )
+  )
   if on_gpu:
     stats = jax.devices()[0].memory_stats() or {}
-    print(f"\nprocess peak device memory:"
-          f" {stats.get('peak_bytes_in_use', 0) / mib:.0f} MiB")
+    print(
+      f"\nprocess peak device memory:"
+      f" {stats.get('peak_bytes_in_use', 0) / mib:.0f} MiB"
+    )
 
   results = {
-      "machine": machine,
-      "argv": list(sys.argv[1:] if argv is None else argv),
-      "model": model_name,
-      "batch_size": args.batch_size, "repeats": repeats, "steps": steps,
-      "times": times,
-      "compile_seconds": {n: r.compile_seconds for n, r in runners.items()},
-      "temp_bytes": {n: r.temp_bytes for n, r in runners.items()},
-      "total_bytes": {n: r.total_bytes for n, r in runners.items()},
-      "flops": {n: r.flops for n, r in runners.items()},
-      "bytes_accessed": {n: r.bytes_accessed for n, r in runners.items()},
-      "ratios": {label: value for label, value, _ in ratios},
+    "machine": machine,
+    "argv": list(sys.argv[1:] if argv is None else argv),
+    "model": model_name,
+    "batch_size": args.batch_size,
+    "repeats": repeats,
+    "steps": steps,
+    "times": times,
+    "compile_seconds": {n: r.compile_seconds for n, r in runners.items()},
+    "temp_bytes": {n: r.temp_bytes for n, r in runners.items()},
+    "total_bytes": {n: r.total_bytes for n, r in runners.items()},
+    "flops": {n: r.flops for n, r in runners.items()},
+    "bytes_accessed": {n: r.bytes_accessed for n, r in runners.items()},
+    "ratios": {label: value for label, value, _ in ratios},
   }
   if args.json:
     with open(args.json, "w") as f:

@@ -23,12 +23,12 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 # Per-channel statistics of the training sets, on images scaled to [0, 1].
 CHANNEL_MEAN = {
-    "cifar10": (0.4914, 0.4822, 0.4465),
-    "cifar100": (0.5071, 0.4865, 0.4409),
+  "cifar10": (0.4914, 0.4822, 0.4465),
+  "cifar100": (0.5071, 0.4865, 0.4409),
 }
 CHANNEL_STD = {
-    "cifar10": (0.2470, 0.2435, 0.2616),
-    "cifar100": (0.2673, 0.2564, 0.2762),
+  "cifar10": (0.2470, 0.2435, 0.2616),
+  "cifar100": (0.2673, 0.2564, 0.2762),
 }
 
 
@@ -51,11 +51,14 @@ def load_cifar(name: str, data_dir: str | None = None) -> data.Splits:
     :class:`experiments.data.Splits` with images ``[N, 32, 32, 3]`` uint8.
   """
   if name not in NUM_CLASSES:
-    raise ValueError(f"unknown CIFAR dataset {name!r}; use {list(NUM_CLASSES)}.")
+    raise ValueError(
+      f"unknown CIFAR dataset {name!r}; use {list(NUM_CLASSES)}."
+    )
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  train, test = tfds.data_source(name, split=["train", "test"],
-                                 data_dir=data_dir)
+  train, test = tfds.data_source(
+    name, split=["train", "test"], data_dir=data_dir
+  )
   return data.Splits(_to_arrays(train), _to_arrays(test), NUM_CLASSES[name])
 
 
@@ -67,7 +70,7 @@ def normalize(images: jax.Array, name: str) -> jax.Array:
 
 
 def random_crop_and_flip(
-    images: jax.Array, key: jax.Array, padding: int = 4
+  images: jax.Array, key: jax.Array, padding: int = 4
 ) -> jax.Array:
   """A random crop of the zero-padded image and a random horizontal flip.
 
@@ -82,12 +85,14 @@ def random_crop_and_flip(
   size, height, width, _ = images.shape
   crop_key, flip_key = jax.random.split(key)
   padded = jnp.pad(
-      images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    images, ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  )
   offsets = jax.random.randint(crop_key, (size, 2), 0, 2 * padding + 1)
 
   def crop(image: jax.Array, offset: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(
-        image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+      image, (offset[0], offset[1], 0), (height, width, image.shape[-1])
+    )
 
   cropped = jax.vmap(crop)(padded, offsets)
   flip = jax.random.bernoulli(flip_key, 0.5, (size, 1, 1, 1))
@@ -95,7 +100,7 @@ def random_crop_and_flip(
 
 
 def preprocess(
-    images: jax.Array, name: str, key: jax.Array | None = None
+  images: jax.Array, name: str, key: jax.Array | None = None
 ) -> jax.Array:
   """``uint8`` images to normalized float32, augmented when ``key`` is given."""
   images = images.astype(jnp.float32) / 255.0

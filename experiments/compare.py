@@ -69,35 +69,45 @@ the default's time."""
 
 
 def run_name(optimizer: str, micro_batch_size: int | None) -> str:
-  return optimizer if micro_batch_size is None else (
-      f"{optimizer}(m={micro_batch_size})")
+  return (
+    optimizer
+    if micro_batch_size is None
+    else (f"{optimizer}(m={micro_batch_size})")
+  )
 
 
 def run_configs(
-    settings: Settings,
+  settings: Settings,
 ) -> list[tuple[str, config_lib.TrainConfig]]:
   """``(name, config)`` for every optimizer (and m), seed 0."""
   runs = []
-  m_sam_implementation = "unrolled" if jax.default_backend() == "cpu" else (
-      "vmap")
+  m_sam_implementation = (
+    "unrolled" if jax.default_backend() == "cpu" else ("vmap")
+  )
   for optimizer in settings.optimizers:
     base = mnist1d_config.get_config("sgd")
     sizes = settings.micro_batch_sizes if optimizer == "m_sam" else (None,)
     for micro_batch_size in sizes:
       options = {}
       if optimizer == "m_sam":
-        options = {"micro_batch_size": micro_batch_size,
-                   "implementation": m_sam_implementation}
+        options = {
+          "micro_batch_size": micro_batch_size,
+          "implementation": m_sam_implementation,
+        }
       elif optimizer in ("rw_sam", "rw_asam"):
         options = {"lam": settings.lam, **settings.rw_sam_options}
       config = dataclasses.replace(
-          base, model=settings.model,
-          model_options=dict(settings.model_options), epochs=settings.epochs,
-          batch_size=settings.batch_size, label_noise=settings.label_noise,
-          checkpoint_every=0,
-          optimizer=dataclasses.replace(
-              base.optimizer, name=optimizer, rho=settings.rho,
-              options=options))
+        base,
+        model=settings.model,
+        model_options=dict(settings.model_options),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        label_noise=settings.label_noise,
+        checkpoint_every=0,
+        optimizer=dataclasses.replace(
+          base.optimizer, name=optimizer, rho=settings.rho, options=options
+        ),
+      )
       runs.append((run_name(optimizer, micro_batch_size), config))
   return runs
 
@@ -108,7 +118,7 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def summarize(
-    runs: dict[str, list[train_lib.RunResult]]
+  runs: dict[str, list[train_lib.RunResult]],
 ) -> dict[str, dict[str, Any]]:
   """Per optimizer, over seeds: the final and best-epoch test accuracy, the
   training accuracy on the noisy labels, memorization (the fraction of the
@@ -122,48 +132,68 @@ def summarize(
     train_accuracies = [r.history[-1]["train_accuracy"] for r in results]
     seconds = [reporting.seconds_per_epoch(r.history) for r in results]
     summary[name] = {
-        "test_accuracy": _summary(accuracies),
-        "best_test_accuracy": _summary(best),
-        "train_accuracy_noisy_labels": _summary(train_accuracies),
-        "memorization": (None if None in memorization
-                         else _summary(memorization)),
-        "seconds_per_epoch": float(np.median(seconds)),
-        "seeds": [r.config.seed for r in results],
-        "test_accuracy_per_seed": accuracies,
-        "best_test_accuracy_per_seed": best,
-        "memorization_per_seed": memorization,
+      "test_accuracy": _summary(accuracies),
+      "best_test_accuracy": _summary(best),
+      "train_accuracy_noisy_labels": _summary(train_accuracies),
+      "memorization": (
+        None if None in memorization else _summary(memorization)
+      ),
+      "seconds_per_epoch": float(np.median(seconds)),
+      "seeds": [r.config.seed for r in results],
+      "test_accuracy_per_seed": accuracies,
+      "best_test_accuracy_per_seed": best,
+      "memorization_per_seed": memorization,
     }
   return summary
 
 
 def format_table(summary: dict[str, dict[str, Any]], settings: Settings) -> str:
   """A plain-text table of the summary."""
-  model = settings.model + (f" {settings.model_options}"
-                            if settings.model_options else "")
-  header = (f"MNIST-1D, {model}, {settings.label_noise:.0%} label"
-            f" noise, batch {settings.batch_size}, {settings.epochs} epochs,"
-            f" seeds {list(settings.seeds)}")
-  rows = [("optimizer", "test acc. % (final)", "(best epoch)",
-           "train acc. % (noisy)", "memorized %", "s / epoch")]
+  model = settings.model + (
+    f" {settings.model_options}" if settings.model_options else ""
+  )
+  header = (
+    f"MNIST-1D, {model}, {settings.label_noise:.0%} label"
+    f" noise, batch {settings.batch_size}, {settings.epochs} epochs,"
+    f" seeds {list(settings.seeds)}"
+  )
+  rows = [
+    (
+      "optimizer",
+      "test acc. % (final)",
+      "(best epoch)",
+      "train acc. % (noisy)",
+      "memorized %",
+      "s / epoch",
+    )
+  ]
   for name, entry in summary.items():
     test, best = entry["test_accuracy"], entry["best_test_accuracy"]
-    noisy, memorized = (entry["train_accuracy_noisy_labels"],
-                        entry["memorization"])
-    rows.append((name,
-                 reporting.format_mean_std(test["mean"], test["std"], 100.0),
-                 reporting.format_mean_std(best["mean"], best["std"], 100.0),
-                 f"{100 * noisy['mean']:.1f}",
-                 "" if memorized is None else f"{100 * memorized['mean']:.1f}",
-                 f"{entry['seconds_per_epoch']:.3f}"))
+    noisy, memorized = (
+      entry["train_accuracy_noisy_labels"],
+      entry["memorization"],
+    )
+    rows.append(
+      (
+        name,
+        reporting.format_mean_std(test["mean"], test["std"], 100.0),
+        reporting.format_mean_std(best["mean"], best["std"], 100.0),
+        f"{100 * noisy['mean']:.1f}",
+        "" if memorized is None else f"{100 * memorized['mean']:.1f}",
+        f"{entry['seconds_per_epoch']:.3f}",
+      )
+    )
   return reporting.text_table(header, rows) + (
-      "\n(mean ± std over seeds; best epoch: the largest test accuracy over"
-      " the epochs, a selection on the test set; memorized: the corrupted"
-      " training labels the final model predicts)")
+    "\n(mean ± std over seeds; best epoch: the largest test accuracy over"
+    " the epochs, a selection on the test set; memorized: the corrupted"
+    " training labels the final model predicts)"
+  )
 
 
 def plot(
-    summary: dict[str, dict[str, Any]], settings: Settings,
-    path: pathlib.Path,
+  summary: dict[str, dict[str, Any]],
+  settings: Settings,
+  path: pathlib.Path,
 ) -> None:
   """Accuracy against m (left) and per optimizer (right), into ``path``."""
   plt = reporting.pyplot()
@@ -174,19 +204,29 @@ def plot(
 
   figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
   points = [(settings.batch_size, "sam")] + [
-      (m, run_name("m_sam", m)) for m in settings.micro_batch_sizes]
+    (m, run_name("m_sam", m)) for m in settings.micro_batch_sizes
+  ]
   points = sorted((m, name) for m, name in points if name in summary)
   if points:
     means, stds = zip(*(accuracy(name) for _, name in points))
-    left.errorbar([m for m, _ in points], means, yerr=stds, marker="o",
-                  capsize=3, label="m-SAM (m = b: SAM)")
+    left.errorbar(
+      [m for m, _ in points],
+      means,
+      yerr=stds,
+      marker="o",
+      capsize=3,
+      label="m-SAM (m = b: SAM)",
+    )
   for name, style in (("sgd", "--"), ("rw_sam", ":")):
     if name in summary:
       mean, std = accuracy(name)
-      line = left.axhline(mean, linestyle=style, label=name.upper().replace(
-          "_", "-"), color="C1" if name == "sgd" else "C2")
-      left.axhspan(mean - std, mean + std, alpha=0.12,
-                   color=line.get_color())
+      line = left.axhline(
+        mean,
+        linestyle=style,
+        label=name.upper().replace("_", "-"),
+        color="C1" if name == "sgd" else "C2",
+      )
+      left.axhspan(mean - std, mean + std, alpha=0.12, color=line.get_color())
   left.set_xscale("log", base=2)
   ticks = sorted({m for m, _ in points})
   left.set_xticks(ticks, [str(m) for m in ticks])
@@ -199,18 +239,28 @@ def plot(
   names = list(summary)
   for index, name in enumerate(names):
     seeds = [100 * a for a in summary[name]["test_accuracy_per_seed"]]
-    right.scatter([index] * len(seeds), seeds, s=12, alpha=0.5,
-                  color=f"C{index % 10}")
+    right.scatter(
+      [index] * len(seeds), seeds, s=12, alpha=0.5, color=f"C{index % 10}"
+    )
     mean, std = accuracy(name)
-    right.errorbar([index], [mean], yerr=[std], fmt="_", markersize=18,
-                   capsize=4, color=f"C{index % 10}")
+    right.errorbar(
+      [index],
+      [mean],
+      yerr=[std],
+      fmt="_",
+      markersize=18,
+      capsize=4,
+      color=f"C{index % 10}",
+    )
   right.set_xticks(range(len(names)), names, rotation=30, ha="right")
   right.set_ylabel("test accuracy % (seeds, mean ± std)")
   right.set_title("per optimizer")
   reporting.save_figure(
-      figure, path,
-      f"MNIST-1D, {settings.model}, {settings.label_noise:.0%} label noise,"
-      f" {settings.epochs} epochs, {len(settings.seeds)} seeds")
+    figure,
+    path,
+    f"MNIST-1D, {settings.model}, {settings.label_noise:.0%} label noise,"
+    f" {settings.epochs} epochs, {len(settings.seeds)} seeds",
+  )
 
 
 def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
@@ -218,31 +268,36 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   unknown = set(settings.optimizers) - set(optimizers.VARIANTS)
   if unknown:
     raise ValueError(
-        f"unknown optimizers {sorted(unknown)}; choose from"
-        f" {list(optimizers.VARIANTS)}.")
+      f"unknown optimizers {sorted(unknown)}; choose from"
+      f" {list(optimizers.VARIANTS)}."
+    )
   configs = run_configs(settings)
   splits = input_pipeline.load_data(configs[0][1], settings.train_examples)
   steps_per_run = settings.epochs * (splits.train.size // settings.batch_size)
   bar = train_lib.progress_bar(
-      total=steps_per_run * len(configs) * len(settings.seeds),
-      disable=not progress)
+    total=steps_per_run * len(configs) * len(settings.seeds),
+    disable=not progress,
+  )
   start = time.perf_counter()
   results: dict[str, list[train_lib.RunResult]] = {}
   for name, config in configs:
     for seed in settings.seeds:
       bar.set_description(f"{name} seed {seed}", refresh=False)
-      result = train_lib.train(dataclasses.replace(config, seed=seed),
-                               splits=splits, progress=bar)
+      result = train_lib.train(
+        dataclasses.replace(config, seed=seed), splits=splits, progress=bar
+      )
       results.setdefault(name, []).append(result)
   bar.close()
   summary = summarize(results)
   return {
-      "settings": dataclasses.asdict(settings),
-      "machine": reporting.machine(),
-      "wall_seconds": time.perf_counter() - start,
-      "summary": summary,
-      "runs": {name: [{"config": r.config.to_dict(), "history": r.history}
-                      for r in rs] for name, rs in results.items()},
+    "settings": dataclasses.asdict(settings),
+    "machine": reporting.machine(),
+    "wall_seconds": time.perf_counter() - start,
+    "summary": summary,
+    "runs": {
+      name: [{"config": r.config.to_dict(), "history": r.history} for r in rs]
+      for name, rs in results.items()
+    },
   }
 
 
@@ -253,39 +308,53 @@ def parse_ints(text: str) -> tuple[int, ...]:
 
 def with_command_line(defaults: Any, args: argparse.Namespace) -> Any:
   """``defaults`` (a dataclass) with every field the command line gave."""
-  given = {field.name: getattr(args, field.name)
-           for field in dataclasses.fields(defaults)
-           if getattr(args, field.name, None) is not None}
+  given = {
+    field.name: getattr(args, field.name)
+    for field in dataclasses.fields(defaults)
+    if getattr(args, field.name, None) is not None
+  }
   return dataclasses.replace(defaults, **given)
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
   defaults = Settings()
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.compare",
-      description=__doc__.split("\n")[0])
-  parser.add_argument("--full", action="store_true",
-                      help=f"more seeds for tighter numbers: {FULL}.")
+    prog="python -m experiments.compare", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--full",
+    action="store_true",
+    help=f"more seeds for tighter numbers: {FULL}.",
+  )
   parser.add_argument("--epochs", type=int)
   parser.add_argument("--seeds", type=parse_ints, help="e.g. 0,1,2")
   parser.add_argument("--label-noise", type=float)
-  parser.add_argument("--micro-batch-sizes", type=parse_ints, help="e.g. 32,16,8")
-  parser.add_argument("--optimizers",
-                      type=lambda text: tuple(text.split(",")),
-                      help=f"e.g. {','.join(defaults.optimizers)}")
+  parser.add_argument(
+    "--micro-batch-sizes", type=parse_ints, help="e.g. 32,16,8"
+  )
+  parser.add_argument(
+    "--optimizers",
+    type=lambda text: tuple(text.split(",")),
+    help=f"e.g. {','.join(defaults.optimizers)}",
+  )
   parser.add_argument("--rho", type=float, help="ρ of every SAM variant.")
   parser.add_argument("--lam", type=float, help="RW-SAM's temperature λ.")
   parser.add_argument(
-      "--rw-sam-options", type=json.loads,
-      help='more options of sam_optax.rw_sam as JSON, e.g.'
-           ' \'{"gradient_norms": "exact"}\' or \'{"sigma": "calibrate"}\'.')
+    "--rw-sam-options",
+    type=json.loads,
+    help="more options of sam_optax.rw_sam as JSON, e.g."
+    ' \'{"gradient_norms": "exact"}\' or \'{"sigma": "calibrate"}\'.',
+  )
   parser.add_argument("--model", choices=("cnn1d", "mlp"))
   parser.add_argument(
-      "--model-options", type=json.loads,
-      help='the model\'s options as JSON, e.g. \'{"channels": 64}\' (the'
-           ' wider CNN of experiments.rw_ablation).')
-  parser.add_argument("--train-examples", type=int,
-                      help="use only the first N training examples.")
+    "--model-options",
+    type=json.loads,
+    help="the model's options as JSON, e.g. '{\"channels\": 64}' (the"
+    " wider CNN of experiments.rw_ablation).",
+  )
+  parser.add_argument(
+    "--train-examples", type=int, help="use only the first N training examples."
+  )
   parser.add_argument("--output-dir")
   args = parser.parse_args(argv)
   if args.full:

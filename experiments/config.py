@@ -74,7 +74,8 @@ class TrainConfig:
   model: str = "cnn1d"
   model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   optimizer: OptimizerConfig = dataclasses.field(
-      default_factory=OptimizerConfig)
+    default_factory=OptimizerConfig
+  )
   epochs: int = 60
   batch_size: int = 128
   eval_batch_size: int = 1000
@@ -107,7 +108,7 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(
-    config: TrainConfig, overrides: Sequence[str]
+  config: TrainConfig, overrides: Sequence[str]
 ) -> TrainConfig:
   """Applies ``key=value`` overrides; ``optimizer.rho=0.1`` reaches inside.
 

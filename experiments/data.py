@@ -34,8 +34,10 @@ class ArrayDataset(NamedTuple):
   def take(self, index: np.ndarray | slice) -> "ArrayDataset":
     """The examples at ``index`` (an index array, a boolean mask or a slice)."""
     return ArrayDataset(
-        self.inputs[index], self.labels[index],
-        None if self.corrupted is None else self.corrupted[index])
+      self.inputs[index],
+      self.labels[index],
+      None if self.corrupted is None else self.corrupted[index],
+    )
 
 
 class Splits(NamedTuple):
@@ -76,12 +78,15 @@ def load_mnist1d(seed: int = 42, num_samples: int = 5000) -> Splits:
   def split(x: np.ndarray, y: np.ndarray) -> ArrayDataset:
     return ArrayDataset(x.astype(np.float32), y.astype(np.int32))
 
-  return Splits(split(raw["x"], raw["y"]),
-                split(raw["x_test"], raw["y_test"]), num_classes=10)
+  return Splits(
+    split(raw["x"], raw["y"]),
+    split(raw["x_test"], raw["y_test"]),
+    num_classes=10,
+  )
 
 
 def symmetric_label_noise(
-    labels: np.ndarray, rate: float, num_classes: int, seed: int
+  labels: np.ndarray, rate: float, num_classes: int, seed: int
 ) -> np.ndarray:
   """Corrupts exactly ``round(rate · N)`` labels, chosen uniformly at random.
 
@@ -105,7 +110,7 @@ def symmetric_label_noise(
     raise ValueError(f"label noise needs >= 2 classes, got {num_classes}.")
   labels = np.asarray(labels)
   rng = np.random.default_rng(seed)
-  count = int(round(rate * len(labels)))
+  count = round(rate * len(labels))
   chosen = rng.choice(len(labels), size=count, replace=False)
   # A shift in [1, num_classes) moves every chosen label to another class,
   # uniformly over the other classes.
@@ -116,7 +121,7 @@ def symmetric_label_noise(
 
 
 def with_label_noise(
-    dataset: ArrayDataset, rate: float, num_classes: int, seed: int
+  dataset: ArrayDataset, rate: float, num_classes: int, seed: int
 ) -> ArrayDataset:
   """``dataset`` with :func:`symmetric_label_noise` applied to its labels.
 
@@ -136,7 +141,7 @@ def epoch_permutation(size: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_batches(
-    size: int, batch_size: int, seed: int, epoch: int
+  size: int, batch_size: int, seed: int, epoch: int
 ) -> np.ndarray:
   """Indices ``[steps, batch_size]`` of the batches of one epoch.
 
@@ -147,6 +152,7 @@ def epoch_batches(
   steps = size // batch_size
   if steps == 0:
     raise ValueError(
-        f"batch size {batch_size} is larger than the dataset ({size}).")
+      f"batch size {batch_size} is larger than the dataset ({size})."
+    )
   order = epoch_permutation(size, seed, epoch)
   return order[: steps * batch_size].reshape(steps, batch_size)

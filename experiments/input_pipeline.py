@@ -16,8 +16,9 @@ from experiments import config as config_lib
 from experiments import data
 
 
-def load_data(config: config_lib.TrainConfig,
-              train_examples: int | None = None) -> data.Splits:
+def load_data(
+  config: config_lib.TrainConfig, train_examples: int | None = None
+) -> data.Splits:
   """The train and test sets, with label noise applied to the training set.
 
   ``train_examples``: keep only the first this many training examples (after
@@ -29,9 +30,14 @@ def load_data(config: config_lib.TrainConfig,
     splits = cifar.load_cifar(config.dataset, config.data_dir)
   else:
     raise ValueError(
-        f"unknown dataset {config.dataset!r}; use mnist1d, cifar10, cifar100.")
-  train = data.with_label_noise(splits.train, config.label_noise,
-                                splits.num_classes, config.label_noise_seed)
+      f"unknown dataset {config.dataset!r}; use mnist1d, cifar10, cifar100."
+    )
+  train = data.with_label_noise(
+    splits.train,
+    config.label_noise,
+    splits.num_classes,
+    config.label_noise_seed,
+  )
   if train_examples is not None:
     train = train.take(slice(train_examples))
   return splits._replace(train=train)

@@ -17,6 +17,7 @@ evaluate. :mod:`experiments.nnx_glue` turns a model into the pure per-example
 
 from collections.abc import Sequence
 import functools
+import itertools
 
 from flax import nnx
 import jax
@@ -32,21 +33,31 @@ _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _batch_norm(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
   return nnx.BatchNorm(
-      features, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON,
-      rngs=rngs,
+    features,
+    momentum=BATCH_NORM_MOMENTUM,
+    epsilon=BATCH_NORM_EPSILON,
+    rngs=rngs,
   )
 
 
 def _conv(
-    in_features: int, out_features: int, kernel_size: int, stride: int,
-    rngs: nnx.Rngs,
+  in_features: int,
+  out_features: int,
+  kernel_size: int,
+  stride: int,
+  rngs: nnx.Rngs,
 ) -> nnx.Conv:
   """A bias-free 2-D convolution (BatchNorm follows), padded like PyTorch's."""
   pad = kernel_size // 2
   return nnx.Conv(
-      in_features, out_features, (kernel_size, kernel_size),
-      strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      use_bias=False, kernel_init=_conv_init, rngs=rngs,
+    in_features,
+    out_features,
+    (kernel_size, kernel_size),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=_conv_init,
+    rngs=rngs,
   )
 
 
@@ -57,8 +68,12 @@ class MLP(nnx.Module):
   """MNIST-1D's MLP: ``40 → 100 → 100 → 10`` with ReLU (about 15k parameters)."""
 
   def __init__(
-      self, in_features: int = 40, hidden: int = 100, num_classes: int = 10,
-      *, rngs: nnx.Rngs,
+    self,
+    in_features: int = 40,
+    hidden: int = 100,
+    num_classes: int = 10,
+    *,
+    rngs: nnx.Rngs,
   ):
     self.hidden1 = nnx.Linear(in_features, hidden, rngs=rngs)
     self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
@@ -79,8 +94,12 @@ class CNN1D(nnx.Module):
   """
 
   def __init__(
-      self, length: int = 40, channels: int = 25, num_classes: int = 10,
-      *, rngs: nnx.Rngs,
+    self,
+    length: int = 40,
+    channels: int = 25,
+    num_classes: int = 10,
+    *,
+    rngs: nnx.Rngs,
   ):
     conv = functools.partial(nnx.Conv, strides=2, padding=((1, 1),), rngs=rngs)
     self.conv1 = conv(1, channels, 5)
@@ -110,14 +129,20 @@ class SmallCNN(nnx.Module):
   """
 
   def __init__(
-      self, num_classes: int = 10, channels: Sequence[int] = (32, 64, 128),
-      in_channels: int = 3, *, rngs: nnx.Rngs,
+    self,
+    num_classes: int = 10,
+    channels: Sequence[int] = (32, 64, 128),
+    in_channels: int = 3,
+    *,
+    rngs: nnx.Rngs,
   ):
     features = (in_channels, *channels)
-    self.convs = nnx.List([
+    self.convs = nnx.List(
+      [
         nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs)
-        for a, b in zip(features[:-1], features[1:])
-    ])
+        for a, b in itertools.pairwise(features)
+      ]
+    )
     self.out = nnx.Linear(features[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,7 +157,7 @@ class BasicBlock(nnx.Module):
   expansion = 1
 
   def __init__(
-      self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
+    self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
   ):
     self.conv1 = _conv(in_features, features, 3, stride, rngs)
     self.bn1 = _batch_norm(features, rngs)
@@ -140,8 +165,8 @@ class BasicBlock(nnx.Module):
     self.bn2 = _batch_norm(features, rngs)
     if stride != 1 or in_features != features:
       self.shortcut = nnx.Sequential(
-          _conv(in_features, features, 1, stride, rngs),
-          _batch_norm(features, rngs),
+        _conv(in_features, features, 1, stride, rngs),
+        _batch_norm(features, rngs),
       )
     else:
       self.shortcut = None
@@ -158,7 +183,7 @@ class Bottleneck(nnx.Module):
   expansion = 4
 
   def __init__(
-      self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
+    self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
   ):
     out_features = features * self.expansion
     self.conv1 = _conv(in_features, features, 1, 1, rngs)
@@ -169,8 +194,8 @@ class Bottleneck(nnx.Module):
     self.bn3 = _batch_norm(out_features, rngs)
     if stride != 1 or in_features != out_features:
       self.shortcut = nnx.Sequential(
-          _conv(in_features, out_features, 1, stride, rngs),
-          _batch_norm(out_features, rngs),
+        _conv(in_features, out_features, 1, stride, rngs),
+        _batch_norm(out_features, rngs),
       )
     else:
       self.shortcut = None
@@ -190,9 +215,14 @@ class ResNet(nnx.Module):
   """
 
   def __init__(
-      self, block: type[BasicBlock] | type[Bottleneck],
-      stage_sizes: Sequence[int], num_classes: int = 10, width: int = 64,
-      in_channels: int = 3, *, rngs: nnx.Rngs,
+    self,
+    block: type[BasicBlock] | type[Bottleneck],
+    stage_sizes: Sequence[int],
+    num_classes: int = 10,
+    width: int = 64,
+    in_channels: int = 3,
+    *,
+    rngs: nnx.Rngs,
   ):
     self.stem = _conv(in_channels, width, 3, 1, rngs)
     self.stem_bn = _batch_norm(width, rngs)
@@ -215,8 +245,11 @@ class ResNet(nnx.Module):
 
 
 def resnet18(
-    num_classes: int = 10, *, rngs: nnx.Rngs,
-    stage_sizes: Sequence[int] = (2, 2, 2, 2), **kwargs,
+  num_classes: int = 10,
+  *,
+  rngs: nnx.Rngs,
+  stage_sizes: Sequence[int] = (2, 2, 2, 2),
+  **kwargs,
 ) -> ResNet:
   """ResNet-18 (CIFAR variant, about 11.2M parameters).
 
@@ -226,8 +259,11 @@ def resnet18(
 
 
 def resnet50(
-    num_classes: int = 10, *, rngs: nnx.Rngs,
-    stage_sizes: Sequence[int] = (3, 4, 6, 3), **kwargs,
+  num_classes: int = 10,
+  *,
+  rngs: nnx.Rngs,
+  stage_sizes: Sequence[int] = (3, 4, 6, 3),
+  **kwargs,
 ) -> ResNet:
   """ResNet-50 (CIFAR variant, about 23.5M parameters).
 
@@ -240,7 +276,7 @@ class WideBlock(nnx.Module):
   """Wide ResNet's pre-activation block: BN-ReLU-conv, BN-ReLU-conv."""
 
   def __init__(
-      self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
+    self, in_features: int, features: int, stride: int, *, rngs: nnx.Rngs
   ):
     self.bn1 = _batch_norm(in_features, rngs)
     self.conv1 = _conv(in_features, features, 3, stride, rngs)
@@ -268,8 +304,13 @@ class WideResNet(nnx.Module):
   """
 
   def __init__(
-      self, depth: int = 28, widen: int = 10, num_classes: int = 10,
-      in_channels: int = 3, *, rngs: nnx.Rngs,
+    self,
+    depth: int = 28,
+    widen: int = 10,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    rngs: nnx.Rngs,
   ):
     if (depth - 4) % 6:
       raise ValueError(f"WideResNet: depth must be 6n + 4, got {depth}.")
@@ -296,26 +337,30 @@ class WideResNet(nnx.Module):
 
 
 def wide_resnet28_10(
-    num_classes: int = 10, *, rngs: nnx.Rngs, depth: int = 28,
-    widen: int = 10, **kwargs,
+  num_classes: int = 10,
+  *,
+  rngs: nnx.Rngs,
+  depth: int = 28,
+  widen: int = 10,
+  **kwargs,
 ) -> WideResNet:
   """WRN-28-10 (about 36.5M parameters); ``depth``/``widen`` shrink it for tests."""
   return WideResNet(depth, widen, num_classes, rngs=rngs, **kwargs)
 
 
 MODELS = {
-    "mlp": MLP,
-    "cnn1d": CNN1D,
-    "small_cnn": SmallCNN,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "wrn28_10": wide_resnet28_10,
+  "mlp": MLP,
+  "cnn1d": CNN1D,
+  "small_cnn": SmallCNN,
+  "resnet18": resnet18,
+  "resnet50": resnet50,
+  "wrn28_10": wide_resnet28_10,
 }
 """Model constructors by name: ``MODELS[name](num_classes=..., rngs=...)``."""
 
 
 def create_model(
-    name: str, num_classes: int = 10, *, seed: int = 0, **kwargs
+  name: str, num_classes: int = 10, *, seed: int = 0, **kwargs
 ) -> nnx.Module:
   """Builds the model ``name`` (a key of :data:`MODELS`) with ``nnx.Rngs(seed)``."""
   if name not in MODELS:

@@ -62,29 +62,31 @@ def split(model: nnx.Module, wrt: Any = nnx.Param) -> SplitModel:
   """
   graphdef, params, state = nnx.split(model, wrt, ...)
   evaluation = nnx.view(
-      model, use_running_average=True, deterministic=True,
-      raise_if_not_found=False,
+    model,
+    use_running_average=True,
+    deterministic=True,
+    raise_if_not_found=False,
   )
   eval_graphdef, _, _ = nnx.split(evaluation, wrt, ...)
   return SplitModel(graphdef, eval_graphdef, params, state)
 
 
 def _call(
-    loss: PerExampleLoss, model: nnx.Module, batch: Batch, has_aux: bool
+  loss: PerExampleLoss, model: nnx.Module, batch: Batch, has_aux: bool
 ) -> tuple[jax.Array, Any]:
   out = loss(model, batch)
   return out if has_aux else (out, None)
 
 
 def loss_grad_and_state(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    loss: PerExampleLoss,
-    params: nnx.State,
-    batch: Batch,
-    *,
-    has_aux: bool = False,
-    wrt: Any = nnx.Param,
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  loss: PerExampleLoss,
+  params: nnx.State,
+  batch: Batch,
+  *,
+  has_aux: bool = False,
+  wrt: Any = nnx.Param,
 ) -> tuple[jax.Array, nnx.State, nnx.State, Any]:
   """The clean pass: losses, mean gradient and the updated state at ``params``.
 
@@ -110,5 +112,6 @@ def loss_grad_and_state(
     return jnp.mean(losses.astype(jnp.float32)), (losses, new_state, aux)
 
   (_, (losses, new_state, aux)), grads = jax.value_and_grad(
-      mean_loss, has_aux=True)(params)
+    mean_loss, has_aux=True
+  )(params)
   return losses, grads, new_state, aux

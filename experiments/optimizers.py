@@ -18,32 +18,35 @@ import optax
 from experiments import config as config_lib
 import sam_optax
 
-VARIANTS: dict[str, Callable[..., optax.GradientTransformationExtraArgs] | None] = {
-    "sgd": None,
-    "sam": sam_optax.sam,
-    "usam": sam_optax.usam,
-    "m_sam": sam_optax.m_sam,
-    "asam": sam_optax.asam,
-    "f_sam": sam_optax.f_sam,
-    "rw_sam": sam_optax.rw_sam,
-    "rw_asam": sam_optax.rw_asam,
-    "gsam": sam_optax.gsam,
-    "wsam": sam_optax.wsam,
-    "vasso": sam_optax.vasso,
-    "look_sam": sam_optax.look_sam,
-    "momentum_sam": sam_optax.momentum_sam,
+VARIANTS: dict[
+  str, Callable[..., optax.GradientTransformationExtraArgs] | None
+] = {
+  "sgd": None,
+  "sam": sam_optax.sam,
+  "usam": sam_optax.usam,
+  "m_sam": sam_optax.m_sam,
+  "asam": sam_optax.asam,
+  "f_sam": sam_optax.f_sam,
+  "rw_sam": sam_optax.rw_sam,
+  "rw_asam": sam_optax.rw_asam,
+  "gsam": sam_optax.gsam,
+  "wsam": sam_optax.wsam,
+  "vasso": sam_optax.vasso,
+  "look_sam": sam_optax.look_sam,
+  "momentum_sam": sam_optax.momentum_sam,
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
 (None: plain SGD)."""
 
 
 def variant(
-    config: config_lib.OptimizerConfig,
+  config: config_lib.OptimizerConfig,
 ) -> optax.GradientTransformationExtraArgs:
   """The SAM-family transform of ``config`` (``optax.identity()`` for SGD)."""
   if config.name not in VARIANTS:
     raise ValueError(
-        f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}.")
+      f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}."
+    )
   function = VARIANTS[config.name]
   if function is None:
     if config.options:
@@ -53,14 +56,14 @@ def variant(
 
 
 def learning_rate_schedule(
-    config: config_lib.OptimizerConfig, total_steps: int
+  config: config_lib.OptimizerConfig, total_steps: int
 ) -> optax.Schedule:
   """Cosine decay from ``learning_rate`` to 0 over ``total_steps``."""
   return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
 
 
 def make_optimizer(
-    config: config_lib.OptimizerConfig, total_steps: int
+  config: config_lib.OptimizerConfig, total_steps: int
 ) -> optax.GradientTransformationExtraArgs:
   """``chain(variant, add_decayed_weights, sgd(cosine, momentum))``.
 
@@ -73,8 +76,11 @@ def make_optimizer(
     clean gradient and ``loss_fn``, ``batch`` and ``key`` keyword arguments.
   """
   return optax.chain(
-      variant(config),
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config, total_steps),
-                momentum=config.momentum or None, nesterov=config.nesterov),
+    variant(config),
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(
+      learning_rate_schedule(config, total_steps),
+      momentum=config.momentum or None,
+      nesterov=config.nesterov,
+    ),
   )

@@ -68,9 +68,15 @@ class Settings:
   micro_batch_size: int = 16
   models: tuple[str, ...] = tuple(MODELS)
   readings: tuple[str, ...] = (
-      "mean,norm,0.5", "max,norm,0.5", "mean,squared,0.5",
-      "max,squared,0.5", "mean,norm,2", "max,norm,2", "mean,squared,2",
-      "rho,norm,0.5")
+    "mean,norm,0.5",
+    "max,norm,0.5",
+    "mean,squared,0.5",
+    "max,squared,0.5",
+    "mean,norm,2",
+    "max,norm,2",
+    "mean,squared,2",
+    "rho,norm,0.5",
+  )
   decisive: tuple[str, ...] = ("mean,norm,0.5", "max,norm,0.5")
   seeds: tuple[int, ...] = tuple(range(10))
   m_sam_seeds: tuple[int, ...] = tuple(range(5))
@@ -81,16 +87,25 @@ class Settings:
   output_dir: str = "outputs/rw_ablation"
 
 
-QUICK = {"epochs": 30, "seeds": (0, 1, 2), "m_sam_seeds": (0, 1),
-         "other_seeds": (0,), "readings": (
-             "mean,norm,0.5", "max,norm,0.5", "mean,squared,0.5",
-             "mean,norm,2", "rho,norm,0.5")}
+QUICK = {
+  "epochs": 30,
+  "seeds": (0, 1, 2),
+  "m_sam_seeds": (0, 1),
+  "other_seeds": (0,),
+  "readings": (
+    "mean,norm,0.5",
+    "max,norm,0.5",
+    "mean,squared,0.5",
+    "mean,norm,2",
+    "rho,norm,0.5",
+  ),
+}
 """``--quick``: 30 epochs, fewer seeds and readings; checks that everything
 runs, settles nothing."""
 
 
 def run_plan(
-    settings: Settings,
+  settings: Settings,
 ) -> list[tuple[str, str, config_lib.TrainConfig, tuple[int, ...]]]:
   """``(model, row, config of seed 0, seeds)`` for every row of both models.
 
@@ -102,22 +117,41 @@ def run_plan(
   plan = []
   for model in settings.models:
     base = compare.Settings(
-        epochs=settings.epochs, label_noise=settings.label_noise,
-        rho=settings.rho, model_options=MODELS[model],
-        micro_batch_sizes=(settings.micro_batch_size,))
-    rows = [(SAM, None, settings.seeds),
-            ("m_sam", None, settings.m_sam_seeds)] + [
-                ("rw_sam", reading, settings.seeds
-                 if reading in settings.decisive else settings.other_seeds)
-                for reading in settings.readings]
+      epochs=settings.epochs,
+      label_noise=settings.label_noise,
+      rho=settings.rho,
+      model_options=MODELS[model],
+      micro_batch_sizes=(settings.micro_batch_size,),
+    )
+    rows = [
+      (SAM, None, settings.seeds),
+      ("m_sam", None, settings.m_sam_seeds),
+    ] + [
+      (
+        "rw_sam",
+        reading,
+        settings.seeds
+        if reading in settings.decisive
+        else settings.other_seeds,
+      )
+      for reading in settings.readings
+    ]
     for optimizer, reading, seeds in rows:
-      options = ({} if reading is None else
-                 weight_trace.reading_options(reading, settings.rho))
-      ((name, config),) = compare.run_configs(dataclasses.replace(
-          base, optimizers=(optimizer,), rw_sam_options=options))
+      options = (
+        {}
+        if reading is None
+        else weight_trace.reading_options(reading, settings.rho)
+      )
+      ((name, config),) = compare.run_configs(
+        dataclasses.replace(
+          base, optimizers=(optimizer,), rw_sam_options=options
+        )
+      )
       config = dataclasses.replace(
-          config, weight_trace_every=settings.weight_trace_every,
-          weight_trace_batches=settings.weight_trace_batches)
+        config,
+        weight_trace_every=settings.weight_trace_every,
+        weight_trace_batches=settings.weight_trace_batches,
+      )
       if reading is not None:
         name = f"{name} {reading}"
       plan.append((model, name, config, seeds))
@@ -128,37 +162,44 @@ def _run_record(result: train_lib.RunResult) -> dict[str, Any]:
   """What results.json keeps of a run: its final numbers and its curves."""
   history = result.history
   return {
-      "seed": result.config.seed,
-      "final": result.final,
-      "train_accuracy": history[-1]["train_accuracy"],
-      "seconds_per_epoch": reporting.seconds_per_epoch(history),
-      "test_accuracy_per_epoch": [line["test_accuracy"] for line in history],
-      "weights": {line["epoch"]: line["weights"] for line in history
-                  if "weights" in line},
+    "seed": result.config.seed,
+    "final": result.final,
+    "train_accuracy": history[-1]["train_accuracy"],
+    "seconds_per_epoch": reporting.seconds_per_epoch(history),
+    "test_accuracy_per_epoch": [line["test_accuracy"] for line in history],
+    "weights": {
+      line["epoch"]: line["weights"] for line in history if "weights" in line
+    },
   }
 
 
-def _trace(runs: Sequence[dict[str, Any]], reading: str, key: str
-           ) -> dict[int, float] | None:
+def _trace(
+  runs: Sequence[dict[str, Any]], reading: str, key: str
+) -> dict[int, float] | None:
   """Mean over seeds, per traced epoch, of ``reading``'s ``key`` (``"share"``
   or ``"ess"``) on the runs' trajectories; None without a trace."""
   epochs = sorted(runs[0]["weights"])
   if not epochs:
     return None
-  return {epoch: float(np.mean([run["weights"][epoch][key][reading]
-                                for run in runs])) for epoch in epochs}
+  return {
+    epoch: float(np.mean([run["weights"][epoch][key][reading] for run in runs]))
+    for epoch in epochs
+  }
 
 
-def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]
-              ) -> dict[str, dict[str, dict[str, Any]]]:
+def summarize(
+  runs: dict[str, dict[str, list[dict[str, Any]]]],
+) -> dict[str, dict[str, dict[str, Any]]]:
   """Per model and row: mean ± std over seeds, differences to SAM, traces."""
   summary: dict[str, dict[str, dict[str, Any]]] = {}
   for model, rows in runs.items():
     per_seed = {
-        row: {key: {run["seed"]: run["final"][key] for run in seeds}
-              for key in ("test_accuracy", "best_test_accuracy",
-                          "memorization")}
-        for row, seeds in rows.items()}
+      row: {
+        key: {run["seed"]: run["final"][key] for run in seeds}
+        for key in ("test_accuracy", "best_test_accuracy", "memorization")
+      }
+      for row, seeds in rows.items()
+    }
     summary[model] = {}
     for row, seeds in rows.items():
       entry: dict[str, Any] = {"seeds": [run["seed"] for run in seeds]}
@@ -166,23 +207,32 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]
         entry[key] = reporting.mean_std(list(values.values()))
         if row != SAM and SAM in per_seed:
           mean, error, count = reporting.paired_difference(
-              values, per_seed[SAM][key])
-          entry[f"{key}_minus_sam"] = {"mean": mean, "standard_error": error,
-                                       "seeds": count}
+            values, per_seed[SAM][key]
+          )
+          entry[f"{key}_minus_sam"] = {
+            "mean": mean,
+            "standard_error": error,
+            "seeds": count,
+          }
       first = seeds[0]["weights"]
       entry["corrupted_fraction"] = (
-          first[min(first)]["corrupted_fraction"] if first else None)
+        first[min(first)]["corrupted_fraction"] if first else None
+      )
       own = row.split(" ", 1)[1] if row.startswith("rw_sam ") else None
       entry["weight_share"] = own and _trace(seeds, own, "share")
       entry["effective_sample_size"] = own and _trace(seeds, own, "ess")
       if row == SAM and first:  # every reading at the same parameters
         entry["readings_on_sam"] = {
-            reading: {"share": _trace(seeds, reading, "share"),
-                      "ess": _trace(seeds, reading, "ess")}
-            for reading in weight_trace.READINGS
-            if reading in first[min(first)]["share"]}
-      entry["seconds_per_epoch"] = float(np.median(
-          [run["seconds_per_epoch"] for run in seeds]))
+          reading: {
+            "share": _trace(seeds, reading, "share"),
+            "ess": _trace(seeds, reading, "ess"),
+          }
+          for reading in weight_trace.READINGS
+          if reading in first[min(first)]["share"]
+        }
+      entry["seconds_per_epoch"] = float(
+        np.median([run["seconds_per_epoch"] for run in seeds])
+      )
       summary[model][row] = entry
   return summary
 
@@ -191,60 +241,92 @@ def _mean_over_training(trace: dict[int, float] | None) -> float | None:
   return None if not trace else float(np.mean(list(trace.values())))
 
 
-def table_rows(summary: dict[str, dict[str, Any]], batch_size: int
-               ) -> list[tuple[str, ...]]:
+def table_rows(
+  summary: dict[str, dict[str, Any]], batch_size: int
+) -> list[tuple[str, ...]]:
   """The accuracy table: one row per model and optimizer (reading)."""
-  rows = [("model", "optimizer (reading)", "seeds", "final %", "best epoch %",
-           "final − SAM", "best − SAM", "memorized %", "weight on corrupted",
-           "ESS")]
+  rows = [
+    (
+      "model",
+      "optimizer (reading)",
+      "seeds",
+      "final %",
+      "best epoch %",
+      "final − SAM",
+      "best − SAM",
+      "memorized %",
+      "weight on corrupted",
+      "ESS",
+    )
+  ]
   for model, entries in summary.items():
     for row, entry in entries.items():
       share = _mean_over_training(entry["weight_share"])
       ess = _mean_over_training(entry["effective_sample_size"])
       if row == SAM:  # uniform weights
         share, ess = entry["corrupted_fraction"], float(batch_size)
-      difference = lambda key: reporting.format_difference(
+      difference = lambda key, entry=entry: (
+        reporting.format_difference(
           entry[f"{key}_minus_sam"]["mean"],
-          entry[f"{key}_minus_sam"]["standard_error"], 100.0) if (
-              f"{key}_minus_sam" in entry) else ""
+          entry[f"{key}_minus_sam"]["standard_error"],
+          100.0,
+        )
+        if (f"{key}_minus_sam" in entry)
+        else ""
+      )
       memorized = entry["memorization"]
-      rows.append((
-          model, row, str(len(entry["seeds"])),
+      rows.append(
+        (
+          model,
+          row,
+          str(len(entry["seeds"])),
           reporting.format_mean_std(*entry["test_accuracy"], 100.0, ".1f"),
-          reporting.format_mean_std(*entry["best_test_accuracy"], 100.0,
-                                    ".1f"),
-          difference("test_accuracy"), difference("best_test_accuracy"),
+          reporting.format_mean_std(*entry["best_test_accuracy"], 100.0, ".1f"),
+          difference("test_accuracy"),
+          difference("best_test_accuracy"),
           reporting.format_mean_std(*memorized, 100.0, ".1f"),
           "" if share is None else f"{share:.2f}",
-          "" if ess is None else f"{ess:.0f}"))
+          "" if ess is None else f"{ess:.0f}",
+        )
+      )
   return rows
 
 
 def _shown_epochs(epochs: Sequence[int]) -> list[int]:
   """The first, the 10th, the middle and the last traced epochs."""
-  return sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]}
-                | ({10} & set(epochs)))
+  return sorted(
+    {epochs[0], epochs[len(epochs) // 2], epochs[-1]} | ({10} & set(epochs))
+  )
 
 
-def trace_rows(summary: dict[str, dict[str, Any]], on_sam: bool = False
-               ) -> list[tuple[str, ...]]:
+def trace_rows(
+  summary: dict[str, dict[str, Any]], on_sam: bool = False
+) -> list[tuple[str, ...]]:
   """The mechanism table: weight share / ESS by epoch, for each RW-SAM row
   on its own trajectory, or (``on_sam``) for every reading on SAM's."""
   rows, shown = [], None
   for model, entries in summary.items():
     if on_sam:
-      traces = {reading: (trace["share"], trace["ess"]) for reading, trace
-                in entries.get(SAM, {}).get("readings_on_sam", {}).items()}
+      traces = {
+        reading: (trace["share"], trace["ess"])
+        for reading, trace in entries.get(SAM, {})
+        .get("readings_on_sam", {})
+        .items()
+      }
     else:
-      traces = {row: (entry["weight_share"], entry["effective_sample_size"])
-                for row, entry in entries.items() if entry["weight_share"]}
+      traces = {
+        row: (entry["weight_share"], entry["effective_sample_size"])
+        for row, entry in entries.items()
+        if entry["weight_share"]
+      }
     for name, (share, ess) in traces.items():
       shown = shown or _shown_epochs(sorted(share))
-      rows.append((model, name, *(f"{share[e]:.2f} / {ess[e]:.0f}"
-                                  for e in shown)))
+      rows.append(
+        (model, name, *(f"{share[e]:.2f} / {ess[e]:.0f}" for e in shown))
+      )
   if not rows:
     return []
-  return [("model", "reading", *(f"epoch {e}" for e in shown))] + rows
+  return [("model", "reading", *(f"epoch {e}" for e in shown)), *rows]
 
 
 def format_tables(results: dict[str, Any]) -> str:
@@ -252,21 +334,27 @@ def format_tables(results: dict[str, Any]) -> str:
   settings = results["settings"]
   summary = results["summary"]
   text = reporting.text_table(
-      f"MNIST-1D, {settings['label_noise']:.0%} label noise, ρ ="
-      f" {settings['rho']}, {settings['epochs']} epochs (mean ± std over"
-      " seeds; differences to SAM paired by seed, ± standard error; weight"
-      " and ESS: the row's reading on its own trajectory, mean over the"
-      " traced epochs)", table_rows(summary, compare.Settings().batch_size),
-      left_columns=2)
-  for on_sam, where in ((False, "each RW-SAM row on its own trajectory"),
-                        (True, "every reading on SAM's trajectory (the same"
-                               " parameters for all)")):
+    f"MNIST-1D, {settings['label_noise']:.0%} label noise, ρ ="
+    f" {settings['rho']}, {settings['epochs']} epochs (mean ± std over"
+    " seeds; differences to SAM paired by seed, ± standard error; weight"
+    " and ESS: the row's reading on its own trajectory, mean over the"
+    " traced epochs)",
+    table_rows(summary, compare.Settings().batch_size),
+    left_columns=2,
+  )
+  for on_sam, where in (
+    (False, "each RW-SAM row on its own trajectory"),
+    (True, "every reading on SAM's trajectory (the same parameters for all)"),
+  ):
     rows = trace_rows(summary, on_sam)
     if rows:
       text += "\n\n" + reporting.text_table(
-          "Weight on the corrupted examples / effective sample size (of"
-          f" 128): {where}; exact norms on 4 fixed batches of 128, mean over"
-          " seeds", rows, left_columns=2)
+        "Weight on the corrupted examples / effective sample size (of"
+        f" 128): {where}; exact norms on 4 fixed batches of 128, mean over"
+        " seeds",
+        rows,
+        left_columns=2,
+      )
   return text
 
 
@@ -278,39 +366,63 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
 
   summary = results["summary"]
   models = list(summary)
-  figure, axes = plt.subplots(3, len(models), figsize=(6.5 * len(models), 12),
-                              squeeze=False)
+  figure, axes = plt.subplots(
+    3, len(models), figsize=(6.5 * len(models), 12), squeeze=False
+  )
   for column, model in enumerate(models):
     entries = summary[model]
     names = list(entries)
     top, middle, bottom = axes[:, column]
     for index, name in enumerate(names):
       color = f"C{index % 10}"
-      for key, marker, offset in (("test_accuracy", "o", -0.12),
-                                  ("best_test_accuracy", "s", 0.12)):
-        seeds = [100 * run["final"][key]
-                 for run in results["runs"][model][name]]
+      for key, marker, offset in (
+        ("test_accuracy", "o", -0.12),
+        ("best_test_accuracy", "s", 0.12),
+      ):
+        seeds = [
+          100 * run["final"][key] for run in results["runs"][model][name]
+        ]
         mean, std = entries[name][key]
-        top.scatter([index + offset] * len(seeds), seeds, s=8, alpha=0.4,
-                    color=color)
-        top.errorbar([index + offset], [100 * mean], yerr=[100 * std],
-                     fmt=marker, capsize=3, color=color,
-                     mfc=color if key == "test_accuracy" else "white")
+        top.scatter(
+          [index + offset] * len(seeds), seeds, s=8, alpha=0.4, color=color
+        )
+        top.errorbar(
+          [index + offset],
+          [100 * mean],
+          yerr=[100 * std],
+          fmt=marker,
+          capsize=3,
+          color=color,
+          mfc=color if key == "test_accuracy" else "white",
+        )
       share = entries[name]["weight_share"]
       if share is not None:
         epochs = sorted(share)
-        middle.plot(epochs, [share[e] for e in epochs], marker=".",
-                    color=color, label=name.split(" ", 1)[1])
+        middle.plot(
+          epochs,
+          [share[e] for e in epochs],
+          marker=".",
+          color=color,
+          label=name.split(" ", 1)[1],
+        )
         ess = entries[name]["effective_sample_size"]
-        bottom.plot(epochs, [ess[e] for e in epochs], marker=".",
-                    color=color, label=name.split(" ", 1)[1])
+        bottom.plot(
+          epochs,
+          [ess[e] for e in epochs],
+          marker=".",
+          color=color,
+          label=name.split(" ", 1)[1],
+        )
     sam = entries.get(SAM)
     if sam is not None:
-      top.axhline(100 * sam["test_accuracy"][0], color="gray", lw=0.8,
-                  ls="--")
+      top.axhline(100 * sam["test_accuracy"][0], color="gray", lw=0.8, ls="--")
       if sam["corrupted_fraction"] is not None:
-        middle.axhline(sam["corrupted_fraction"], color="gray", ls="--",
-                       label="uniform (SAM)")
+        middle.axhline(
+          sam["corrupted_fraction"],
+          color="gray",
+          ls="--",
+          label="uniform (SAM)",
+        )
     top.set_xticks(range(len(names)), names, rotation=35, ha="right")
     top.set_ylabel("test accuracy % (● final, □ best epoch)")
     top.set_title(f"{model}: accuracy per row (seeds, mean ± std)")
@@ -326,9 +438,12 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
     bottom.legend(fontsize=7)
   settings = results["settings"]
   reporting.save_figure(
-      figure, path,
-      f"RW-SAM readings, MNIST-1D, {settings['label_noise']:.0%} label noise,"
-      f" ρ = {settings['rho']}, {settings['epochs']} epochs", dpi=110)
+    figure,
+    path,
+    f"RW-SAM readings, MNIST-1D, {settings['label_noise']:.0%} label noise,"
+    f" ρ = {settings['rho']}, {settings['epochs']} epochs",
+    dpi=110,
+  )
 
 
 def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
@@ -337,54 +452,70 @@ def run(settings: Settings, progress: bool = True) -> dict[str, Any]:
   splits = input_pipeline.load_data(plan[0][2], settings.train_examples)
   steps_per_run = settings.epochs * (splits.train.size // plan[0][2].batch_size)
   bar = train_lib.progress_bar(
-      total=steps_per_run * sum(len(seeds) for *_, seeds in plan),
-      disable=not progress)
+    total=steps_per_run * sum(len(seeds) for *_, seeds in plan),
+    disable=not progress,
+  )
   start = time.perf_counter()
   runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
   for model, row, config, seeds in plan:
     for seed in seeds:
       bar.set_description(f"{model} {row} seed {seed}", refresh=False)
-      result = train_lib.train(dataclasses.replace(config, seed=seed),
-                               splits=splits, progress=bar)
-      runs.setdefault(model, {}).setdefault(row, []).append(
-          _run_record(result))
+      result = train_lib.train(
+        dataclasses.replace(config, seed=seed), splits=splits, progress=bar
+      )
+      runs.setdefault(model, {}).setdefault(row, []).append(_run_record(result))
   bar.close()
   return {
-      "settings": dataclasses.asdict(settings),
-      "configs": {f"{model} {row}": config.to_dict()
-                  for model, row, config, _ in plan},
-      "machine": reporting.machine(),
-      "wall_seconds": time.perf_counter() - start,
-      "summary": summarize(runs),
-      "runs": runs,
+    "settings": dataclasses.asdict(settings),
+    "configs": {
+      f"{model} {row}": config.to_dict() for model, row, config, _ in plan
+    },
+    "machine": reporting.machine(),
+    "wall_seconds": time.perf_counter() - start,
+    "summary": summarize(runs),
+    "runs": runs,
   }
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
   defaults = Settings()
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.rw_ablation",
-      description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help=f"a smoke run of a few minutes: {QUICK}.")
+    prog="python -m experiments.rw_ablation", description=__doc__.split("\n")[0]
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"a smoke run of a few minutes: {QUICK}.",
+  )
   parser.add_argument("--epochs", type=int)
   parser.add_argument("--label-noise", type=float)
   parser.add_argument("--rho", type=float)
-  parser.add_argument("--models", type=lambda text: tuple(text.split(",")),
-                      help=f"of {','.join(MODELS)}")
-  parser.add_argument("--readings", nargs="+",
-                      help="RW-SAM readings SCALING,SCORE,LAMBDA, e.g."
-                           " mean,norm,0.5 max,squared,2 rho,norm,0.5.")
-  parser.add_argument("--decisive", nargs="+",
-                      help="the readings run with --seeds.")
-  parser.add_argument("--seeds", type=compare.parse_ints,
-                      help="of SAM and the decisive readings, e.g. 0,1,2")
+  parser.add_argument(
+    "--models",
+    type=lambda text: tuple(text.split(",")),
+    help=f"of {','.join(MODELS)}",
+  )
+  parser.add_argument(
+    "--readings",
+    nargs="+",
+    help="RW-SAM readings SCALING,SCORE,LAMBDA, e.g."
+    " mean,norm,0.5 max,squared,2 rho,norm,0.5.",
+  )
+  parser.add_argument(
+    "--decisive", nargs="+", help="the readings run with --seeds."
+  )
+  parser.add_argument(
+    "--seeds",
+    type=compare.parse_ints,
+    help="of SAM and the decisive readings, e.g. 0,1,2",
+  )
   parser.add_argument("--micro-batch-size", type=int, help="m-SAM's m.")
   parser.add_argument("--m-sam-seeds", type=compare.parse_ints)
   parser.add_argument("--other-seeds", type=compare.parse_ints)
   parser.add_argument("--weight-trace-every", type=int)
-  parser.add_argument("--train-examples", type=int,
-                      help="use only the first N training examples.")
+  parser.add_argument(
+    "--train-examples", type=int, help="use only the first N training examples."
+  )
   parser.add_argument("--output-dir")
   args = parser.parse_args(argv)
   for name in ("readings", "decisive"):
@@ -394,8 +525,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     defaults = dataclasses.replace(defaults, **QUICK)
   settings = compare.with_command_line(defaults, args)
   if not settings.label_noise > 0:
-    raise ValueError("the ablation measures memorization: it needs label"
-                     f" noise, got {settings.label_noise}.")
+    raise ValueError(
+      "the ablation measures memorization: it needs label"
+      f" noise, got {settings.label_noise}."
+    )
   unknown = set(settings.models) - set(MODELS)
   if unknown:
     raise ValueError(f"unknown models {sorted(unknown)}; use {list(MODELS)}.")
@@ -411,9 +544,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   figure = path.parent / "ablation.png"
   plot(results, figure)
   print(format_tables(results))
-  print(f"{results['wall_seconds']:.0f} s in all on"
-        f" {reporting.describe_machine(results['machine'])};"
-        f" wrote {path} and {figure}")
+  print(
+    f"{results['wall_seconds']:.0f} s in all on"
+    f" {reporting.describe_machine(results['machine'])};"
+    f" wrote {path} and {figure}"
+  )
   return results
 
 

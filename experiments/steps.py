@@ -16,12 +16,12 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
-import sam_optax.flax
 
 from experiments import config as config_lib
 from experiments import input_pipeline
 from experiments import nnx_glue
 from experiments import optimizers
+import sam_optax.flax
 
 
 class TrainState(NamedTuple):
@@ -45,17 +45,18 @@ EvalStep = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def per_example_loss(
-    model: nnx.Module, batch: dict[str, jax.Array]
+  model: nnx.Module, batch: dict[str, jax.Array]
 ) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy per example (float32), and the logits."""
   logits = model(batch["inputs"]).astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch["labels"])
+    logits, batch["labels"]
+  )
   return losses, logits
 
 
 def passes_loss_fn(
-    graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State
+  graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State
 ) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
   """The pure per-example ``loss_fn`` the transforms take their passes with.
 
@@ -65,13 +66,14 @@ def passes_loss_fn(
   """
   model = nnx.merge(graphdef, params, state)
   return sam_optax.flax.nnx_loss_fn(
-      model, lambda model, batch: per_example_loss(model, batch)[0])
+    model, lambda model, batch: per_example_loss(model, batch)[0]
+  )
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformationExtraArgs,
-    preprocess: Callable[[jax.Array, jax.Array], jax.Array],
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformationExtraArgs,
+  preprocess: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> TrainStep:
   """The jitted ``train_step(train_state, batch, run_key)``.
 
@@ -92,32 +94,45 @@ def make_train_step(
   """
 
   def train_step(
-      train_state: TrainState, batch: dict[str, jax.Array], run_key: jax.Array
+    train_state: TrainState, batch: dict[str, jax.Array], run_key: jax.Array
   ) -> tuple[TrainState, dict[str, jax.Array]]:
     key = jax.random.fold_in(run_key, train_state.step)
     augment_key, optimizer_key = jax.random.split(key)
-    batch = {"inputs": preprocess(batch["inputs"], augment_key),
-             "labels": batch["labels"]}
+    batch = {
+      "inputs": preprocess(batch["inputs"], augment_key),
+      "labels": batch["labels"],
+    }
     losses, grads, new_state, logits = nnx_glue.loss_grad_and_state(
-        graphdef, train_state.state, per_example_loss, train_state.params,
-        batch, has_aux=True)
+      graphdef,
+      train_state.state,
+      per_example_loss,
+      train_state.params,
+      batch,
+      has_aux=True,
+    )
     loss_fn = passes_loss_fn(graphdef, train_state.params, train_state.state)
     updates, opt_state = tx.update(
-        grads, train_state.opt_state, train_state.params, loss_fn=loss_fn,
-        batch=batch, key=optimizer_key)
+      grads,
+      train_state.opt_state,
+      train_state.params,
+      loss_fn=loss_fn,
+      batch=batch,
+      key=optimizer_key,
+    )
     params = optax.apply_updates(train_state.params, updates)
     metrics = {
-        "loss": jnp.mean(losses),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+      "loss": jnp.mean(losses),
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
     }
-    return TrainState(train_state.step + 1, params, new_state,
-                      opt_state), metrics
+    return TrainState(
+      train_state.step + 1, params, new_state, opt_state
+    ), metrics
 
   return jax.jit(train_step, donate_argnums=0)
 
 
 def make_eval_step(
-    eval_graphdef: nnx.GraphDef, preprocess: Callable[[jax.Array], jax.Array]
+  eval_graphdef: nnx.GraphDef, preprocess: Callable[[jax.Array], jax.Array]
 ) -> EvalStep:
   """The jitted ``eval_step(params, state, inputs, labels, mask)``.
 
@@ -129,7 +144,8 @@ def make_eval_step(
   def eval_step(params, state, inputs, labels, mask):
     model = nnx.merge(eval_graphdef, params, state)
     losses, logits = per_example_loss(
-        model, {"inputs": preprocess(inputs), "labels": labels})
+      model, {"inputs": preprocess(inputs), "labels": labels}
+    )
     correct = jnp.argmax(logits, -1) == labels
     return jnp.sum(losses * mask), jnp.sum(correct * mask)
 
@@ -137,8 +153,9 @@ def make_eval_step(
 
 
 def eval_loss_fn(
-    eval_graphdef: nnx.GraphDef, state: nnx.State,
-    preprocess: Callable[[jax.Array], jax.Array],
+  eval_graphdef: nnx.GraphDef,
+  state: nnx.State,
+  preprocess: Callable[[jax.Array], jax.Array],
 ) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
   """The pure per-example ``loss_fn(params, batch)`` in evaluation mode.
 
@@ -150,8 +167,9 @@ def eval_loss_fn(
 
   def loss_fn(params: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
     model_loss = passes_loss_fn(eval_graphdef, params, state)
-    return model_loss(params, {"inputs": preprocess(batch["inputs"]),
-                               "labels": batch["labels"]})
+    return model_loss(
+      params, {"inputs": preprocess(batch["inputs"]), "labels": batch["labels"]}
+    )
 
   return loss_fn
 
@@ -178,10 +196,10 @@ def _hashable(value: Any) -> Hashable:
 
 
 def build_steps(
-    split: nnx_glue.SplitModel,
-    optimizer: config_lib.OptimizerConfig,
-    preprocessing: input_pipeline.Preprocessing,
-    total_steps: int,
+  split: nnx_glue.SplitModel,
+  optimizer: config_lib.OptimizerConfig,
+  preprocessing: input_pipeline.Preprocessing,
+  total_steps: int,
 ) -> Steps:
   """The optimizer and the jitted steps of a run.
 
@@ -198,13 +216,20 @@ def build_steps(
   Returns:
     :class:`Steps`.
   """
-  key = (split.graphdef, split.eval_graphdef, preprocessing,
-         _hashable(dataclasses.asdict(optimizer)), total_steps)
+  key = (
+    split.graphdef,
+    split.eval_graphdef,
+    preprocessing,
+    _hashable(dataclasses.asdict(optimizer)),
+    total_steps,
+  )
   if key not in _cache:
     if len(_cache) >= _CACHE_SIZE:
       del _cache[next(iter(_cache))]  # the oldest
     tx = optimizers.make_optimizer(optimizer, total_steps)
     _cache[key] = Steps(
-        tx, make_train_step(split.graphdef, tx, preprocessing.train),
-        make_eval_step(split.eval_graphdef, preprocessing.evaluate))
+      tx,
+      make_train_step(split.graphdef, tx, preprocessing.train),
+      make_eval_step(split.eval_graphdef, preprocessing.evaluate),
+    )
   return _cache[key]

@@ -50,17 +50,21 @@ import sam_optax
 
 
 def build_model(
-    config: config_lib.TrainConfig, num_classes: int, seed: int
+  config: config_lib.TrainConfig, num_classes: int, seed: int
 ) -> nnx_glue.SplitModel:
   """``config``'s model, initialized with ``seed``, split for training."""
-  return nnx_glue.split(models.create_model(
-      config.model, num_classes, seed=seed, **config.model_options))
+  return nnx_glue.split(
+    models.create_model(
+      config.model, num_classes, seed=seed, **config.model_options
+    )
+  )
 
 
 def calibrate_sigma(
-    config: config_lib.TrainConfig, train_set: data.ArrayDataset,
-    preprocessing: input_pipeline.Preprocessing,
-    initial: nnx_glue.SplitModel,
+  config: config_lib.TrainConfig,
+  train_set: data.ArrayDataset,
+  preprocessing: input_pipeline.Preprocessing,
+  initial: nnx_glue.SplitModel,
 ) -> float:
   """RW-SAM's probe scale ``σ``, picked before training.
 
@@ -80,20 +84,26 @@ def calibrate_sigma(
   """
   index = data.epoch_batches(train_set.size, config.batch_size, 0, 0)[0]
   key = jax.random.key(0)
-  batch = {"inputs": preprocessing.train(train_set.inputs[index], key),
-           "labels": train_set.labels[index]}
+  batch = {
+    "inputs": preprocessing.train(train_set.inputs[index], key),
+    "labels": train_set.labels[index],
+  }
   # In training mode, with BatchNorm, the loss couples the examples: the
   # exact norms are then Jacobian rows, what the probe estimates.
-  loss_fn = steps_lib.passes_loss_fn(initial.graphdef, initial.params,
-                                     initial.state)
-  return float(sam_optax.calibrate_sigma(
-      loss_fn, initial.params, batch, key).sigma)
+  loss_fn = steps_lib.passes_loss_fn(
+    initial.graphdef, initial.params, initial.state
+  )
+  return float(
+    sam_optax.calibrate_sigma(loss_fn, initial.params, batch, key).sigma
+  )
 
 
 def resolve_sigma(
-    config: config_lib.TrainConfig, splits: data.Splits,
-    preprocessing: input_pipeline.Preprocessing, split: nnx_glue.SplitModel,
-    workdir: workdir_lib.Workdir | None,
+  config: config_lib.TrainConfig,
+  splits: data.Splits,
+  preprocessing: input_pipeline.Preprocessing,
+  split: nnx_glue.SplitModel,
+  workdir: workdir_lib.Workdir | None,
 ) -> config_lib.TrainConfig:
   """``config`` with ``options["sigma"] == "calibrate"`` replaced by ``σ``.
 
@@ -116,8 +126,11 @@ def resolve_sigma(
     return config
   sigma = workdir.load_sigma() if workdir is not None else None
   if sigma is None:
-    initial = split if config.seed == 0 else build_model(
-        config, splits.num_classes, seed=0)
+    initial = (
+      split
+      if config.seed == 0
+      else build_model(config, splits.num_classes, seed=0)
+    )
     sigma = calibrate_sigma(config, splits.train, preprocessing, initial)
     if workdir is not None:
       workdir.save_sigma(sigma)
@@ -127,8 +140,10 @@ def resolve_sigma(
 
 
 def evaluate(
-    steps: steps_lib.Steps, train_state: steps_lib.TrainState,
-    dataset: data.ArrayDataset, batch_size: int,
+  steps: steps_lib.Steps,
+  train_state: steps_lib.TrainState,
+  dataset: data.ArrayDataset,
+  batch_size: int,
 ) -> dict[str, float]:
   """Mean loss and accuracy on ``dataset`` (the last batch padded and masked)."""
   total_loss, total_correct = 0.0, 0.0
@@ -139,16 +154,22 @@ def evaluate(
     mask = index < size
     index = np.minimum(index, size - 1)
     loss, correct = steps.eval_step(
-        train_state.params, train_state.state, dataset.inputs[index],
-        dataset.labels[index], mask.astype(np.float32))
+      train_state.params,
+      train_state.state,
+      dataset.inputs[index],
+      dataset.labels[index],
+      mask.astype(np.float32),
+    )
     total_loss += float(loss)
     total_correct += float(correct)
   return {"loss": total_loss / size, "accuracy": total_correct / size}
 
 
 def memorization(
-    steps: steps_lib.Steps, train_state: steps_lib.TrainState,
-    train_set: data.ArrayDataset, batch_size: int,
+  steps: steps_lib.Steps,
+  train_state: steps_lib.TrainState,
+  train_set: data.ArrayDataset,
+  batch_size: int,
 ) -> dict[str, float | None]:
   """How much of the label noise the model fits, in evaluation mode.
 
@@ -159,16 +180,22 @@ def memorization(
   corrupted = train_set.corrupted
   if corrupted is None:
     return {"memorization": None, "clean_fit": None}
-  fit = lambda mask: (evaluate(steps, train_state, train_set.take(mask),
-                               batch_size)["accuracy"] if mask.any()
-                      else None)
+  fit = lambda mask: (
+    evaluate(steps, train_state, train_set.take(mask), batch_size)["accuracy"]
+    if mask.any()
+    else None
+  )
   return {"memorization": fit(corrupted), "clean_fit": fit(~corrupted)}
 
 
 def train_epoch(
-    steps: steps_lib.Steps, train_state: steps_lib.TrainState,
-    config: config_lib.TrainConfig, train_set: data.ArrayDataset, epoch: int,
-    run_key: jax.Array, bar: tqdm.tqdm | None = None,
+  steps: steps_lib.Steps,
+  train_state: steps_lib.TrainState,
+  config: config_lib.TrainConfig,
+  train_set: data.ArrayDataset,
+  epoch: int,
+  run_key: jax.Array,
+  bar: tqdm.tqdm | None = None,
 ) -> tuple[steps_lib.TrainState, dict[str, float]]:
   """One pass over ``train_set`` in the order of ``(config.seed, epoch)``.
 
@@ -177,26 +204,31 @@ def train_epoch(
   """
   start = time.perf_counter()
   step_metrics = []
-  for index in data.epoch_batches(train_set.size, config.batch_size,
-                                  config.seed, epoch):
-    batch = {"inputs": train_set.inputs[index],
-             "labels": train_set.labels[index]}
+  for index in data.epoch_batches(
+    train_set.size, config.batch_size, config.seed, epoch
+  ):
+    batch = {
+      "inputs": train_set.inputs[index],
+      "labels": train_set.labels[index],
+    }
     train_state, metrics = steps.train_step(train_state, batch, run_key)
     step_metrics.append(metrics)
     if bar is not None:
       bar.update(1)
   step_metrics = jax.device_get(step_metrics)  # waits for the last step
   return train_state, {
-      "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
-      "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics])),
-      "epoch_seconds": time.perf_counter() - start,
+    "train_loss": float(np.mean([m["loss"] for m in step_metrics])),
+    "train_accuracy": float(np.mean([m["accuracy"] for m in step_metrics])),
+    "epoch_seconds": time.perf_counter() - start,
   }
 
 
 def measure_noise_trace(
-    config: config_lib.TrainConfig,
-    loss_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
-    params: Any, train_set: data.ArrayDataset, chunk_size: int = 100,
+  config: config_lib.TrainConfig,
+  loss_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
+  params: Any,
+  train_set: data.ArrayDataset,
+  chunk_size: int = 100,
 ) -> float:
   """``tr Σ`` (:func:`sam_optax.diagnostics.gradient_noise`) at ``params``.
 
@@ -212,12 +244,17 @@ def measure_noise_trace(
     chunk_size: examples whose gradients are taken at once.
   """
   examples = min(config.noise_trace_examples, train_set.size)
-  index = np.sort(np.random.default_rng([config.seed, 1]).choice(
-      train_set.size, examples, replace=False))
+  index = np.sort(
+    np.random.default_rng([config.seed, 1]).choice(
+      train_set.size, examples, replace=False
+    )
+  )
   noise = sam_optax.diagnostics.gradient_noise(
-      loss_fn, params,
-      {"inputs": train_set.inputs[index], "labels": train_set.labels[index]},
-      chunk_size=min(chunk_size, examples))
+    loss_fn,
+    params,
+    {"inputs": train_set.inputs[index], "labels": train_set.labels[index]},
+    chunk_size=min(chunk_size, examples),
+  )
   return float(noise.trace)
 
 
@@ -228,8 +265,9 @@ def progress_bar(**kwargs: Any) -> tqdm.tqdm:
   many times a second would flood it.
   """
   interval = 0.1 if sys.stderr.isatty() else 10.0
-  return tqdm.tqdm(unit="step", dynamic_ncols=True, mininterval=interval,
-                   **kwargs)
+  return tqdm.tqdm(
+    unit="step", dynamic_ncols=True, mininterval=interval, **kwargs
+  )
 
 
 class RunResult(NamedTuple):
@@ -258,12 +296,12 @@ class RunResult(NamedTuple):
 
 
 def train(
-    config: config_lib.TrainConfig,
-    workdir: str | os.PathLike[str] | None = None,
-    *,
-    splits: data.Splits | None = None,
-    progress: bool | tqdm.tqdm = True,
-    stop_after_epoch: int | None = None,
+  config: config_lib.TrainConfig,
+  workdir: str | os.PathLike[str] | None = None,
+  *,
+  splits: data.Splits | None = None,
+  progress: bool | tqdm.tqdm = True,
+  stop_after_epoch: int | None = None,
 ) -> RunResult:
   """Trains ``config``; resumes from ``workdir``'s last checkpoint if any.
 
@@ -284,15 +322,21 @@ def train(
   train_set = splits.train
   steps_per_epoch = train_set.size // config.batch_size
   total_steps = config.epochs * steps_per_epoch
-  directory = (workdir_lib.Workdir(workdir, config) if workdir is not None
-               else None)
+  directory = (
+    workdir_lib.Workdir(workdir, config) if workdir is not None else None
+  )
   preprocessing = input_pipeline.preprocessing(config.dataset, config.augment)
   split = build_model(config, splits.num_classes, config.seed)
   config = resolve_sigma(config, splits, preprocessing, split, directory)
-  steps = steps_lib.build_steps(split, config.optimizer, preprocessing,
-                                total_steps)
-  train_state = steps_lib.TrainState(jnp.zeros([], jnp.int32), split.params,
-                                     split.state, steps.tx.init(split.params))
+  steps = steps_lib.build_steps(
+    split, config.optimizer, preprocessing, total_steps
+  )
+  train_state = steps_lib.TrainState(
+    jnp.zeros([], jnp.int32),
+    split.params,
+    split.state,
+    steps.tx.init(split.params),
+  )
   start_epoch, history = 0, []
   if directory is not None:
     train_state, start_epoch, history = directory.restore(train_state)
@@ -301,36 +345,59 @@ def train(
   traced = weight_trace.trace_epochs(config.epochs, config.weight_trace_every)
   if traced:
     trace_examples = weight_trace.trace_set(
-        train_set, config.batch_size, config.weight_trace_batches,
-        config.label_noise_seed)
+      train_set,
+      config.batch_size,
+      config.weight_trace_batches,
+      config.label_noise_seed,
+    )
 
   own_bar = progress is True
-  bar = (progress_bar(total=total_steps, initial=start_epoch * steps_per_epoch,
-                      desc=f"{config.optimizer.name} seed {config.seed}")
-         if own_bar else progress or None)
+  bar = (
+    progress_bar(
+      total=total_steps,
+      initial=start_epoch * steps_per_epoch,
+      desc=f"{config.optimizer.name} seed {config.seed}",
+    )
+    if own_bar
+    else progress or None
+  )
   for epoch in range(start_epoch, config.epochs):
-    train_state, record = train_epoch(steps, train_state, config, train_set,
-                                      epoch, run_key, bar)
+    train_state, record = train_epoch(
+      steps, train_state, config, train_set, epoch, run_key, bar
+    )
     test = evaluate(steps, train_state, splits.test, config.eval_batch_size)
     step = (epoch + 1) * steps_per_epoch
-    record = {"epoch": epoch + 1, "step": step, **record,
-              "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-              "learning_rate": float(schedule(step))}
+    record = {
+      "epoch": epoch + 1,
+      "step": step,
+      **record,
+      "test_loss": test["loss"],
+      "test_accuracy": test["accuracy"],
+      "learning_rate": float(schedule(step)),
+    }
     if epoch + 1 in traced:
       record["weights"] = weight_trace.measure(
-          split, train_state.params, train_state.state, trace_examples,
-          config.batch_size, config.optimizer.rho, preprocessing.evaluate)
+        split,
+        train_state.params,
+        train_state.state,
+        trace_examples,
+        config.batch_size,
+        config.optimizer.rho,
+        preprocessing.evaluate,
+      )
     history.append(record)
     if bar is not None:
-      bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                      acc=f"{record['train_accuracy']:.3f}",
-                      test_acc=f"{record['test_accuracy']:.3f}",
-                      refresh=False)  # redraws follow the bar's mininterval
+      bar.set_postfix(
+        loss=f"{record['train_loss']:.3f}",
+        acc=f"{record['train_accuracy']:.3f}",
+        test_acc=f"{record['test_accuracy']:.3f}",
+        refresh=False,
+      )  # redraws follow the bar's mininterval
     if directory is not None:
       directory.append_metrics(record)
       if epoch + 1 == config.epochs or (
-          config.checkpoint_every
-          and (epoch + 1) % config.checkpoint_every == 0):
+        config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0
+      ):
         directory.save(epoch + 1, train_state)
     if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
       break
@@ -339,51 +406,75 @@ def train(
   if directory is not None:
     directory.close()
 
-  final = {"test_accuracy": history[-1]["test_accuracy"] if history else None,
-           **reporting.best_epoch(history),
-           **memorization(steps, train_state, train_set,
-                          config.eval_batch_size)}
+  final = {
+    "test_accuracy": history[-1]["test_accuracy"] if history else None,
+    **reporting.best_epoch(history),
+    **memorization(steps, train_state, train_set, config.eval_batch_size),
+  }
   eval_loss_fn = steps_lib.eval_loss_fn(
-      split.eval_graphdef, train_state.state, preprocessing.evaluate)
+    split.eval_graphdef, train_state.state, preprocessing.evaluate
+  )
   noise_trace = None
   if config.noise_trace_examples > 0:
-    noise_trace = measure_noise_trace(config, eval_loss_fn,
-                                      train_state.params, train_set)
+    noise_trace = measure_noise_trace(
+      config, eval_loss_fn, train_state.params, train_set
+    )
     if directory is not None:
       directory.save_noise_trace(noise_trace, config.noise_trace_examples)
-  return RunResult(config, history, train_state, final, noise_trace,
-                   eval_loss_fn)
+  return RunResult(
+    config, history, train_state, final, noise_trace, eval_loss_fn
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult | None:
   parser = argparse.ArgumentParser(
-      prog="python -m experiments.train", description=__doc__.split("\n")[0])
+    prog="python -m experiments.train", description=__doc__.split("\n")[0]
+  )
   parser.add_argument(
-      "--config", default="mnist1d",
-      help="TABLE or TABLE:ROW, e.g. mnist1d:sam, table1:cifar10,resnet18,sam"
-           f" (tables: {', '.join(configs.TABLES)}).")
-  parser.add_argument("--workdir", default=None,
-                      help="output and checkpoint directory (resumes if it"
-                           " holds a checkpoint); default runs/CONFIG.")
-  parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                      help="overrides, e.g. epochs=2 optimizer.rho=0.1")
-  parser.add_argument("--list", action="store_true",
-                      help="print the table's rows and exit.")
+    "--config",
+    default="mnist1d",
+    help="TABLE or TABLE:ROW, e.g. mnist1d:sam, table1:cifar10,resnet18,sam"
+    f" (tables: {', '.join(configs.TABLES)}).",
+  )
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="output and checkpoint directory (resumes if it"
+    " holds a checkpoint); default runs/CONFIG.",
+  )
+  parser.add_argument(
+    "--set",
+    nargs="*",
+    default=[],
+    metavar="KEY=VALUE",
+    help="overrides, e.g. epochs=2 optimizer.rho=0.1",
+  )
+  parser.add_argument(
+    "--list", action="store_true", help="print the table's rows and exit."
+  )
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
   if args.list:
     print("\n".join(configs.rows(args.config.partition(":")[0])))
     return None
-  config = config_lib.apply_overrides(configs.get_config(args.config),
-                                      args.set)
+  config = config_lib.apply_overrides(configs.get_config(args.config), args.set)
   workdir = args.workdir or os.path.join(
-      "runs", args.config.replace(":", "-").replace(",", "-")
-      + f"-seed{config.seed}")
+    "runs",
+    args.config.replace(":", "-").replace(",", "-") + f"-seed{config.seed}",
+  )
   result = train(config, workdir, progress=not args.no_progress)
   last = result.history[-1] if result.history else {}
-  print(json.dumps({"workdir": str(workdir), **last, **result.final,
-                    "noise_trace": result.noise_trace}))
+  print(
+    json.dumps(
+      {
+        "workdir": str(workdir),
+        **last,
+        **result.final,
+        "noise_trace": result.noise_trace,
+      }
+    )
+  )
   return result
 
 

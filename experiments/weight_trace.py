@@ -39,9 +39,17 @@ DEFAULT_READING = "mean,norm,0.5"
 """The reading closest to the paper's text: norms divided by their mean, λ = 0.5."""
 
 READINGS = (
-    "mean,norm,0.5", "max,norm,0.5", "mean,squared,0.5", "max,squared,0.5",
-    "rho,norm,0.5", "mean,norm,2", "max,norm,2", "mean,squared,2",
-    "max,squared,2", "rho,norm,2", "zscore,norm,0.5",
+  "mean,norm,0.5",
+  "max,norm,0.5",
+  "mean,squared,0.5",
+  "max,squared,0.5",
+  "rho,norm,0.5",
+  "mean,norm,2",
+  "max,norm,2",
+  "mean,squared,2",
+  "max,squared,2",
+  "rho,norm,2",
+  "zscore,norm,0.5",
 )
 """Every reading the trace measures (cheap: one set of norms serves all)."""
 
@@ -69,8 +77,9 @@ def reading_options(reading: str, rho: float) -> dict[str, Any]:
   return options
 
 
-def trace_set(train_set: data.ArrayDataset, batch_size: int, batches: int,
-              seed: int) -> data.ArrayDataset:
+def trace_set(
+  train_set: data.ArrayDataset, batch_size: int, batches: int, seed: int
+) -> data.ArrayDataset:
   """``batches × batch_size`` training examples drawn once by ``seed``.
 
   The same examples for every optimizer and seed of a data set (pass its
@@ -78,7 +87,8 @@ def trace_set(train_set: data.ArrayDataset, batch_size: int, batches: int,
   """
   count = min(batches * batch_size, train_set.size // batch_size * batch_size)
   index = np.random.default_rng([seed, 2]).choice(
-      train_set.size, count, replace=False)
+    train_set.size, count, replace=False
+  )
   return train_set.take(index)
 
 
@@ -88,8 +98,11 @@ _cache: dict[Hashable, Measure] = {}
 
 
 def _make_measure(
-    graphdef: Any, preprocess: Callable[[jax.Array], jax.Array],
-    batch_size: int, rho: float, readings: tuple[str, ...],
+  graphdef: Any,
+  preprocess: Callable[[jax.Array], jax.Array],
+  batch_size: int,
+  rho: float,
+  readings: tuple[str, ...],
 ) -> Measure:
   """The jitted ``measure(params, state, inputs, labels, corrupted)``."""
 
@@ -101,8 +114,11 @@ def _make_measure(
     for reading in readings:
       options = reading_options(reading, rho)
       weights = sam_optax.gibbs_weights(
-          norms, options["lam"], options.get("norm_scaling", "mean"),
-          options.get("score", "norm"))
+        norms,
+        options["lam"],
+        options.get("norm_scaling", "mean"),
+        options.get("score", "norm"),
+      )
       share[reading] = jnp.sum(jnp.where(corrupted, weights, 0.0))
       ess[reading] = 1.0 / jnp.sum(jnp.square(weights))
     return norms, share, ess
@@ -113,20 +129,24 @@ def _make_measure(
       return x.reshape(-1, batch_size, *x.shape[1:])
 
     norms, share, ess = jax.lax.map(
-        lambda xs: one_batch(params, state, *xs),
-        (reshape(inputs), reshape(labels), reshape(corrupted)))
+      lambda xs: one_batch(params, state, *xs),
+      (reshape(inputs), reshape(labels), reshape(corrupted)),
+    )
     mean = lambda tree: jax.tree.map(jnp.mean, tree)
-    return {"norms": norms.reshape(-1), "share": mean(share),
-            "ess": mean(ess)}
+    return {"norms": norms.reshape(-1), "share": mean(share), "ess": mean(ess)}
 
   return measure_batches
 
 
 def measure(
-    split: nnx_glue.SplitModel, params: Any, state: Any,
-    examples: data.ArrayDataset, batch_size: int, rho: float,
-    preprocess: Callable[[jax.Array], jax.Array],
-    readings: Sequence[str] = READINGS,
+  split: nnx_glue.SplitModel,
+  params: Any,
+  state: Any,
+  examples: data.ArrayDataset,
+  batch_size: int,
+  rho: float,
+  preprocess: Callable[[jax.Array], jax.Array],
+  readings: Sequence[str] = READINGS,
 ) -> dict[str, Any]:
   """Each reading's weight share on the corrupted examples and its ESS.
 
@@ -153,16 +173,26 @@ def measure(
     if len(_cache) >= _CACHE_SIZE:
       del _cache[next(iter(_cache))]
     _cache[key] = _make_measure(*key)
-  corrupted = (np.zeros(examples.size, bool) if examples.corrupted is None
-               else examples.corrupted)
-  values = jax.device_get(_cache[key](params, state, examples.inputs,
-                                      examples.labels, corrupted))
+  corrupted = (
+    np.zeros(examples.size, bool)
+    if examples.corrupted is None
+    else examples.corrupted
+  )
+  values = jax.device_get(
+    _cache[key](params, state, examples.inputs, examples.labels, corrupted)
+  )
   norms = values["norms"]
-  ratio = (float(norms[corrupted].mean() / norms[~corrupted].mean())
-           if corrupted.any() and (~corrupted).any() else None)
-  return {"corrupted_fraction": float(corrupted.mean()), "norm_ratio": ratio,
-          "share": {k: float(v) for k, v in values["share"].items()},
-          "ess": {k: float(v) for k, v in values["ess"].items()}}
+  ratio = (
+    float(norms[corrupted].mean() / norms[~corrupted].mean())
+    if corrupted.any() and (~corrupted).any()
+    else None
+  )
+  return {
+    "corrupted_fraction": float(corrupted.mean()),
+    "norm_ratio": ratio,
+    "share": {k: float(v) for k, v in values["share"].items()},
+    "ess": {k: float(v) for k, v in values["ess"].items()},
+  }
 
 
 def trace_epochs(epochs: int, every: int) -> set[int]:

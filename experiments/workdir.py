@@ -33,8 +33,9 @@ def _stored(config_path: pathlib.Path) -> dict[str, Any] | None:
   at their defaults (so such a run still resumes); None if it no longer
   parses."""
   try:
-    return _as_json(config_lib.TrainConfig.from_dict(
-        json.loads(config_path.read_text())))
+    return _as_json(
+      config_lib.TrainConfig.from_dict(json.loads(config_path.read_text()))
+    )
   except TypeError:  # a field that no longer exists
     return None
 
@@ -46,27 +47,31 @@ class Workdir:
   a run never resumes from another run's checkpoint.
   """
 
-  def __init__(self, path: str | os.PathLike[str],
-               config: config_lib.TrainConfig):
+  def __init__(
+    self, path: str | os.PathLike[str], config: config_lib.TrainConfig
+  ):
     self.path = pathlib.Path(path)
     self.path.mkdir(parents=True, exist_ok=True)
     config_path = self.path / "config.json"
     as_json = _as_json(config)
     if config_path.exists() and _stored(config_path) != as_json:
       raise ValueError(
-          f"{self.path} holds a run of another configuration ({config_path});"
-          " resume it with that configuration or use a new --workdir.")
+        f"{self.path} holds a run of another configuration ({config_path});"
+        " resume it with that configuration or use a new --workdir."
+      )
     config_path.write_text(json.dumps(as_json, indent=2) + "\n")
     self.metrics = self.path / "metrics.jsonl"
     self.sigma = self.path / "calibrated_sigma.json"
     self.noise_trace = self.path / "noise_trace.json"
     self.checkpoints = ocp.CheckpointManager(
-        (self.path / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, enable_async_checkpointing=False))
+      (self.path / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False
+      ),
+    )
 
   def restore(
-      self, train_state: steps_lib.TrainState
+    self, train_state: steps_lib.TrainState
   ) -> tuple[steps_lib.TrainState, int, list[dict[str, Any]]]:
     """``(state, epochs done, their metrics)`` from the last checkpoint.
 
@@ -83,11 +88,15 @@ class Workdir:
     else:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train_state)
       train_state = self.checkpoints.restore(
-          epoch, args=ocp.args.StandardRestore(abstract))
+        epoch, args=ocp.args.StandardRestore(abstract)
+      )
     history = []
     if self.metrics.exists():
-      history = [json.loads(line) for line in
-                 self.metrics.read_text().splitlines() if line]
+      history = [
+        json.loads(line)
+        for line in self.metrics.read_text().splitlines()
+        if line
+      ]
       history = [line for line in history if line["epoch"] <= epoch]
     self.metrics.write_text("".join(json.dumps(h) + "\n" for h in history))
     return train_state, epoch, history
@@ -110,8 +119,9 @@ class Workdir:
     self.sigma.write_text(json.dumps({"sigma": sigma}) + "\n")
 
   def save_noise_trace(self, noise_trace: float, examples: int) -> None:
-    self.noise_trace.write_text(json.dumps(
-        {"noise_trace": noise_trace, "examples": examples}) + "\n")
+    self.noise_trace.write_text(
+      json.dumps({"noise_trace": noise_trace, "examples": examples}) + "\n"
+    )
 
   def close(self) -> None:
     self.checkpoints.close()

@@ -17,6 +17,8 @@ sam_optax.flax``, with the ``[flax]`` extra: ``import sam_optax`` alone does
 not import Flax).
 """
 
+from sam_optax import diagnostics
+from sam_optax import reference
 from sam_optax._asam import adaptive_scale
 from sam_optax._asam import asam
 from sam_optax._asam import not_bias_mask
@@ -38,8 +40,8 @@ from sam_optax._momentum_sam import MomentumSamState
 from sam_optax._n_sam import ascent_set_ascent
 from sam_optax._n_sam import n_sam
 from sam_optax._rw_sam import gibbs_weights
-from sam_optax._rw_sam import ReweightedAscentState
 from sam_optax._rw_sam import reweighted_ascent
+from sam_optax._rw_sam import ReweightedAscentState
 from sam_optax._rw_sam import rw_asam
 from sam_optax._rw_sam import rw_sam
 from sam_optax._sam import clean_gradient_ascent
@@ -51,11 +53,9 @@ from sam_optax._transform import sharpness_aware
 from sam_optax._transform import sharpness_aware_step
 from sam_optax._transform import SharpnessAwareStep
 from sam_optax._vasso import variance_suppressed_ascent
-from sam_optax._vasso import vasso
 from sam_optax._vasso import VarianceSuppressedAscentState
+from sam_optax._vasso import vasso
 from sam_optax._wsam import wsam
-from sam_optax import diagnostics
-from sam_optax import reference
 
 __version__ = "0.1.0"
 
@@ -66,43 +66,43 @@ __version__ = "0.1.0"
 # tune it; and two submodules: diagnostics (sharpness and gradient noise) and
 # reference (the definitions the fast forms are tested against).
 __all__ = (
-    "AscentDirection",
-    "DirectionFn",
-    "FriendlyAscentState",
-    "LookSamState",
-    "LossFn",
-    "MomentumSamState",
-    "ReweightedAscentState",
-    "SharpnessAwareStep",
-    "SigmaCalibration",
-    "VarianceSuppressedAscentState",
-    "adaptive_scale",
-    "asam",
-    "ascent_set_ascent",
-    "calibrate_sigma",
-    "clean_gradient_ascent",
-    "data_parallel_m_sam",
-    "diagnostics",
-    "f_sam",
-    "finite_difference_gradient_norms",
-    "friendly_ascent",
-    "gibbs_weights",
-    "gsam",
-    "look_sam",
-    "m_sam",
-    "momentum_sam",
-    "n_sam",
-    "not_bias_mask",
-    "per_example_gradient_norms",
-    "reference",
-    "reweighted_ascent",
-    "rw_asam",
-    "rw_sam",
-    "sam",
-    "sharpness_aware",
-    "sharpness_aware_step",
-    "usam",
-    "variance_suppressed_ascent",
-    "vasso",
-    "wsam",
+  "AscentDirection",
+  "DirectionFn",
+  "FriendlyAscentState",
+  "LookSamState",
+  "LossFn",
+  "MomentumSamState",
+  "ReweightedAscentState",
+  "SharpnessAwareStep",
+  "SigmaCalibration",
+  "VarianceSuppressedAscentState",
+  "adaptive_scale",
+  "asam",
+  "ascent_set_ascent",
+  "calibrate_sigma",
+  "clean_gradient_ascent",
+  "data_parallel_m_sam",
+  "diagnostics",
+  "f_sam",
+  "finite_difference_gradient_norms",
+  "friendly_ascent",
+  "gibbs_weights",
+  "gsam",
+  "look_sam",
+  "m_sam",
+  "momentum_sam",
+  "n_sam",
+  "not_bias_mask",
+  "per_example_gradient_norms",
+  "reference",
+  "reweighted_ascent",
+  "rw_asam",
+  "rw_sam",
+  "sam",
+  "sharpness_aware",
+  "sharpness_aware_step",
+  "usam",
+  "variance_suppressed_ascent",
+  "vasso",
+  "wsam",
 )

@@ -35,12 +35,12 @@ def not_bias_mask(params: optax.Params) -> Any:
   for dict-like pytrees (Flax Linen params, Flax NNX ``State``).
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "bias" not in _path_names(path), params
+    lambda path, _: "bias" not in _path_names(path), params
   )
 
 
 def adaptive_scale(
-    eta: ArrayLike = 0.01, scale_mask: Mask = None
+  eta: ArrayLike = 0.01, scale_mask: Mask = None
 ) -> Callable[[optax.Params], Any]:
   """Returns ``params -> T`` with ``T = |w| + η`` where ``scale_mask`` is True,
   else 1.
@@ -55,28 +55,29 @@ def adaptive_scale(
     scale_mask = not_bias_mask
 
   def scale_fn(params: optax.Params) -> Any:
-    leaf_mask = _perturbation.resolve_mask(scale_mask, params, "asam",
-                                           "scale_mask")
+    leaf_mask = _perturbation.resolve_mask(
+      scale_mask, params, "asam", "scale_mask"
+    )
     return jax.tree.map(
-        lambda w, scaled: (
-            jnp.abs(w.astype(jnp.float32)) + eta
-            if scaled
-            else jnp.ones(jnp.shape(w), jnp.float32)
-        ),
-        params,
-        leaf_mask,
+      lambda w, scaled: (
+        jnp.abs(w.astype(jnp.float32)) + eta
+        if scaled
+        else jnp.ones(jnp.shape(w), jnp.float32)
+      ),
+      params,
+      leaf_mask,
     )
 
   return scale_fn
 
 
 def asam(
-    rho: ArrayLike = 0.5,
-    eta: ArrayLike = 0.01,
-    *,
-    normalize: bool = True,
-    scale_mask: Mask = None,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.5,
+  eta: ArrayLike = 0.01,
+  *,
+  normalize: bool = True,
+  scale_mask: Mask = None,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (ASAM).
 
@@ -113,7 +114,10 @@ def asam(
   """
   _contract.check_number(eta, "eta", "asam", minimum=0)
   return _transform.sharpness_aware(
-      _sam.clean_gradient_ascent(), rho, normalize=normalize,
-      scale_fn=adaptive_scale(eta, scale_mask), perturb_mask=perturb_mask,
-      name="asam",
+    _sam.clean_gradient_ascent(),
+    rho,
+    normalize=normalize,
+    scale_fn=adaptive_scale(eta, scale_mask),
+    perturb_mask=perturb_mask,
+    name="asam",
   )

@@ -19,8 +19,19 @@ from sam_optax import _gradient_norms
 from sam_optax import _per_example
 from sam_optax import _perturbation
 
-DEFAULT_SIGMA_CANDIDATES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3,
-                            1e-2, 3e-2, 1e-1)
+DEFAULT_SIGMA_CANDIDATES = (
+  1e-6,
+  3e-6,
+  1e-5,
+  3e-5,
+  1e-4,
+  3e-4,
+  1e-3,
+  3e-3,
+  1e-2,
+  3e-2,
+  1e-1,
+)
 """The ``σ`` grid :func:`calibrate_sigma` searches by default."""
 
 
@@ -54,17 +65,17 @@ class SigmaCalibration(NamedTuple):
 
 
 def calibrate_sigma(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    key: jax.Array,
-    *,
-    candidates: Sequence[float] = DEFAULT_SIGMA_CANDIDATES,
-    num_probes: int = 8,
-    difference: _gradient_norms.Difference = "forward",
-    probe_in_float32: bool = True,
-    chunk_size: int | None = None,
-    per_example_gradients: _per_example.PerExampleGradients = "auto",
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  key: jax.Array,
+  *,
+  candidates: Sequence[float] = DEFAULT_SIGMA_CANDIDATES,
+  num_probes: int = 8,
+  difference: _gradient_norms.Difference = "forward",
+  probe_in_float32: bool = True,
+  chunk_size: int | None = None,
+  per_example_gradients: _per_example.PerExampleGradients = "auto",
 ) -> SigmaCalibration:
   """Picks the probe scale ``σ`` by comparison with exact per-example gradients.
 
@@ -107,61 +118,81 @@ def calibrate_sigma(
   """
   name = "calibrate_sigma"
   method = _per_example.resolve_per_example_gradients(
-      per_example_gradients, loss_fn, name)
+    per_example_gradients, loss_fn, name
+  )
   if not candidates:
     raise ValueError(f"{name}: candidates must not be empty.")
   for sigma in candidates:
     num_probes = _gradient_norms.check_probe_options(
-        sigma, num_probes, difference, name)
+      sigma, num_probes, difference, name
+    )
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
   chunk_size = _per_example.check_chunk_size(chunk_size, size, name)
   probe_params = _gradient_norms.probe_parameters(params, probe_in_float32)
   keys = jax.random.split(key, num_probes)
 
   def exact_metrics(gradient: Any) -> tuple[jax.Array, jax.Array]:
-    directional = jnp.stack([
-        optax.tree.vdot(gradient,
-                        _per_example.rademacher_like(keys[k], gradient))
+    directional = jnp.stack(
+      [
+        optax.tree.vdot(
+          gradient, _per_example.rademacher_like(keys[k], gradient)
+        )
         for k in range(num_probes)
-    ])
+      ]
+    )
     return optax.tree.norm(gradient), directional
 
   exact_norms, exact_directional = _per_example.map_per_example_gradients(
-      exact_metrics, loss_fn, probe_params, batch, chunk_size=chunk_size,
-      per_example_gradients=method)
+    exact_metrics,
+    loss_fn,
+    probe_params,
+    batch,
+    chunk_size=chunk_size,
+    per_example_gradients=method,
+  )
   exact_directional = exact_directional.T  # [K, B]
   losses = _gradient_norms.losses_float32(loss_fn, probe_params, batch)
 
   @jax.jit
-  def estimate(p: Any, batch: Any, probe_key: jax.Array, sigma: jax.Array,
-               losses: jax.Array) -> jax.Array:
+  def estimate(
+    p: Any,
+    batch: Any,
+    probe_key: jax.Array,
+    sigma: jax.Array,
+    losses: jax.Array,
+  ) -> jax.Array:
     return _gradient_norms.directional_derivative_estimate(
-        loss_fn, p, batch, probe_key, sigma, losses=losses,
-        difference=difference)
+      loss_fn, p, batch, probe_key, sigma, losses=losses, difference=difference
+    )
 
   scale = jnp.mean(exact_norms) + _perturbation.NORM_EPS
   sigmas = jnp.asarray(candidates, jnp.float32)
   finite_difference_errors, norm_errors = [], []
   for c in range(len(candidates)):
-    directional = jnp.stack([
+    directional = jnp.stack(
+      [
         estimate(probe_params, batch, keys[k], sigmas[c], losses)
         for k in range(num_probes)
-    ])
+      ]
+    )
     finite_difference_errors.append(
-        jnp.mean(jnp.abs(directional - exact_directional)) / scale)
+      jnp.mean(jnp.abs(directional - exact_directional)) / scale
+    )
     norms = jnp.sqrt(jnp.mean(jnp.square(directional), axis=0))
     norm_errors.append(jnp.mean(jnp.abs(norms - exact_norms)) / scale)
   finite_difference_errors = jnp.stack(finite_difference_errors)
   monte_carlo_norms = jnp.sqrt(jnp.mean(jnp.square(exact_directional), axis=0))
   best = jnp.argmin(
-      jnp.where(jnp.isnan(finite_difference_errors), jnp.inf,
-                finite_difference_errors))
+    jnp.where(
+      jnp.isnan(finite_difference_errors), jnp.inf, finite_difference_errors
+    )
+  )
   return SigmaCalibration(
-      sigma=sigmas[best],
-      candidates=sigmas,
-      finite_difference_errors=finite_difference_errors,
-      norm_errors=jnp.stack(norm_errors),
-      monte_carlo_error=jnp.mean(jnp.abs(monte_carlo_norms - exact_norms))
-      / scale,
-      exact_norms=exact_norms,
+    sigma=sigmas[best],
+    candidates=sigmas,
+    finite_difference_errors=finite_difference_errors,
+    norm_errors=jnp.stack(norm_errors),
+    monte_carlo_error=jnp.mean(jnp.abs(monte_carlo_norms - exact_norms))
+    / scale,
+    exact_norms=exact_norms,
   )

@@ -33,15 +33,15 @@ def require(value: Any, argument: str, transform_name: str) -> Any:
   """Returns ``value``, or raises a clear error if an extra argument is missing."""
   if value is None:
     raise TypeError(
-        f"{transform_name}.update needs the keyword argument `{argument}`; "
-        f"call it as tx.update(grads, state, params, loss_fn=..., batch=...)"
-        " (optax.chain forwards keyword arguments to every member)."
+      f"{transform_name}.update needs the keyword argument `{argument}`; "
+      f"call it as tx.update(grads, state, params, loss_fn=..., batch=...)"
+      " (optax.chain forwards keyword arguments to every member)."
     )
   return value
 
 
 def require_arguments(
-    params: Params, loss_fn: LossFn | None, batch: Batch, transform_name: str
+  params: Params, loss_fn: LossFn | None, batch: Batch, transform_name: str
 ) -> tuple[Params, LossFn, Batch]:
   """``(params, loss_fn, batch)``, or a clear error naming the one missing.
 
@@ -49,14 +49,19 @@ def require_arguments(
   """
   params = require(params, "params", transform_name)
   check_params(params, transform_name)
-  return (params,
-          require(loss_fn, "loss_fn", transform_name),
-          require(batch, "batch", transform_name))
+  return (
+    params,
+    require(loss_fn, "loss_fn", transform_name),
+    require(batch, "batch", transform_name),
+  )
 
 
 def check_update_call(
-    updates: Any, params: Params, loss_fn: LossFn | None, batch: Batch,
-    transform_name: str,
+  updates: Any,
+  params: Params,
+  loss_fn: LossFn | None,
+  batch: Batch,
+  transform_name: str,
 ) -> tuple[Params, LossFn, Batch]:
   """The checks every ``update`` of the family runs first, at trace time.
 
@@ -68,8 +73,9 @@ def check_update_call(
   Returns:
     ``(params, loss_fn, batch)``.
   """
-  params, loss_fn, batch = require_arguments(params, loss_fn, batch,
-                                             transform_name)
+  params, loss_fn, batch = require_arguments(
+    params, loss_fn, batch, transform_name
+  )
   if updates is not None:
     check_same_structure(updates, params, "updates", transform_name)
   check_per_example_losses(loss_fn, params, batch, transform_name)
@@ -100,29 +106,37 @@ def check_params(params: Params, transform_name: str) -> None:
     where = jax.tree_util.keystr(path) or "(the root)"
     if _is_masked_node(leaf):
       raise ValueError(
-          f"{transform_name}: params leaf {where} is an optax.MaskedNode: the"
-          " transform is inside optax.masked or optax.multi_transform, which"
-          " hide the masked-out parameters, so loss_fn cannot be evaluated."
-          f" Put {transform_name} outside the mask and choose the perturbed"
-          " leaves with its `perturb_mask` argument (a pytree of bools like"
-          " params, or a function of params returning one); to freeze leaves,"
-          " mask the base optimizer after it."
+        f"{transform_name}: params leaf {where} is an optax.MaskedNode: the"
+        " transform is inside optax.masked or optax.multi_transform, which"
+        " hide the masked-out parameters, so loss_fn cannot be evaluated."
+        f" Put {transform_name} outside the mask and choose the perturbed"
+        " leaves with its `perturb_mask` argument (a pytree of bools like"
+        " params, or a function of params returning one); to freeze leaves,"
+        " mask the base optimizer after it."
       )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
-      kind = ("complex" if jnp.issubdtype(dtype, jnp.complexfloating)
-              else "non-floating")
+      kind = (
+        "complex"
+        if jnp.issubdtype(dtype, jnp.complexfloating)
+        else "non-floating"
+      )
       raise ValueError(
-          f"{transform_name}: params leaf {where} has the {kind} dtype"
-          f" {dtype}; SAM transforms differentiate and perturb every leaf of"
-          " params, which must be real floating point. Keep integer, boolean"
-          " or complex state out of params."
+        f"{transform_name}: params leaf {where} has the {kind} dtype"
+        f" {dtype}; SAM transforms differentiate and perturb every leaf of"
+        " params, which must be real floating point. Keep integer, boolean"
+        " or complex state out of params."
       )
 
 
 def check_same_structure(
-    tree: Any, reference: Any, argument: str, transform_name: str,
-    reference_name: str = "params", *, hint: str = "",
+  tree: Any,
+  reference: Any,
+  argument: str,
+  transform_name: str,
+  reference_name: str = "params",
+  *,
+  hint: str = "",
 ) -> None:
   """Raises unless ``tree`` has the pytree structure of ``reference``.
 
@@ -130,9 +144,9 @@ def check_same_structure(
   """
   if jax.tree.structure(tree) != jax.tree.structure(reference):
     raise ValueError(
-        f"{transform_name}: `{argument}` must have the structure of"
-        f" `{reference_name}`; got {jax.tree.structure(tree)} and"
-        f" {jax.tree.structure(reference)}.{' ' + hint if hint else ''}"
+      f"{transform_name}: `{argument}` must have the structure of"
+      f" `{reference_name}`; got {jax.tree.structure(tree)} and"
+      f" {jax.tree.structure(reference)}.{' ' + hint if hint else ''}"
     )
 
 
@@ -151,26 +165,26 @@ def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
     shape = jnp.shape(leaf)
     if not shape:
       raise ValueError(
-          f"{transform_name}: batch leaf {jax.tree_util.keystr(path)} is a"
-          " scalar; every leaf needs a leading batch axis."
+        f"{transform_name}: batch leaf {jax.tree_util.keystr(path)} is a"
+        " scalar; every leaf needs a leading batch axis."
       )
     sizes[jax.tree_util.keystr(path)] = shape[0]
   if len(set(sizes.values())) != 1:
     raise ValueError(
-        f"{transform_name}: the leaves of `batch` must share their leading"
-        f" (batch) axis, got sizes {sizes}."
+      f"{transform_name}: the leaves of `batch` must share their leading"
+      f" (batch) axis, got sizes {sizes}."
     )
   size = next(iter(sizes.values()))
   if size == 0:
     raise ValueError(
-        f"{transform_name}: `batch` is empty (batch axis of size 0); a SAM"
-        " step needs at least one example."
+      f"{transform_name}: `batch` is empty (batch axis of size 0); a SAM"
+      " step needs at least one example."
     )
   return size
 
 
 def check_per_example_losses(
-    loss_fn: LossFn, params: Params, batch: Batch, transform_name: str
+  loss_fn: LossFn, params: Params, batch: Batch, transform_name: str
 ) -> int:
   """Checks that ``loss_fn(params, batch)`` returns shape ``[B]``; returns B.
 
@@ -184,10 +198,10 @@ def check_per_example_losses(
   shape = getattr(out, "shape", None)
   if shape != (size,):
     raise ValueError(
-        f"{transform_name}: loss_fn(params, batch) must return per-example"
-        f" losses of shape ({size},) (one per example of the batch), got"
-        f" {shape if shape is not None else type(out).__name__}. Return the"
-        " vector of losses, not their mean."
+      f"{transform_name}: loss_fn(params, batch) must return per-example"
+      f" losses of shape ({size},) (one per example of the batch), got"
+      f" {shape if shape is not None else type(out).__name__}. Return the"
+      " vector of losses, not their mean."
     )
   return size
 
@@ -207,15 +221,15 @@ def _is_traced(value: Any) -> bool:
 
 
 def check_number(
-    value: Any,
-    argument: str,
-    transform_name: str,
-    *,
-    minimum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    maximum: float | None = None,
-    allow_inf: bool = False,
+  value: Any,
+  argument: str,
+  transform_name: str,
+  *,
+  minimum: float | None = None,
+  above: float | None = None,
+  below: float | None = None,
+  maximum: float | None = None,
+  allow_inf: bool = False,
 ) -> None:
   """Rejects a hyperparameter that is not a real number in range.
 
@@ -232,10 +246,12 @@ def check_number(
   """
   if _is_traced(value):
     return
+
   def fail(requirement: str) -> None:
     raise ValueError(
-        f"{transform_name}: {argument} must be {requirement}, got {value!r}."
+      f"{transform_name}: {argument} must be {requirement}, got {value!r}."
     )
+
   if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
     fail("a real number")
   try:
@@ -262,14 +278,14 @@ def check_rho(rho: ArrayLike, transform_name: str) -> None:
 
 
 def check_integer(
-    value: Any,
-    argument: str,
-    transform_name: str,
-    *,
-    minimum: int = 1,
-    maximum: int | None = None,
-    optional: bool = False,
-    static_hint: bool = True,
+  value: Any,
+  argument: str,
+  transform_name: str,
+  *,
+  minimum: int = 1,
+  maximum: int | None = None,
+  optional: bool = False,
+  static_hint: bool = True,
 ) -> int | None:
   """Returns ``value`` as a Python int, or raises naming ``argument``.
 
@@ -292,28 +308,31 @@ def check_integer(
   hint = ""
   if static_hint and is_jax:
     hint = (
-        f" It sets shapes or loop counts, so it must be static: with"
-        f" optax.inject_hyperparams pass static_args=({argument!r},)."
+      f" It sets shapes or loop counts, so it must be static: with"
+      f" optax.inject_hyperparams pass static_args=({argument!r},)."
     )
   if not isinstance(value, (bool, np.bool_)) and not is_jax:
     try:
       number = operator.index(value)
     except TypeError:
       number = None
-    if (number is not None and number >= minimum
-        and (maximum is None or number <= maximum)):
+    if (
+      number is not None
+      and number >= minimum
+      and (maximum is None or number <= maximum)
+    ):
       return number
   requirement = "a positive int" if minimum == 1 else f"an int >= {minimum}"
   requirement += "" if maximum is None else f" and <= {maximum}"
   requirement += " or None" if optional else ""
   raise ValueError(
-      f"{transform_name}: {argument} must be {requirement}, got"
-      f" {value!r}.{hint}"
+    f"{transform_name}: {argument} must be {requirement}, got {value!r}.{hint}"
   )
 
 
-def check_choice(value: Any, choices: tuple[str, ...], argument: str,
-                 transform_name: str) -> str:
+def check_choice(
+  value: Any, choices: tuple[str, ...], argument: str, transform_name: str
+) -> str:
   """Returns ``value`` if it is one of ``choices``, else raises naming it.
 
   Raises:
@@ -322,13 +341,20 @@ def check_choice(value: Any, choices: tuple[str, ...], argument: str,
   if isinstance(value, str) and value in choices:
     return value
   raise ValueError(
-      f"{transform_name}: {argument} must be one of"
-      f" {', '.join(map(repr, choices))}; got {value!r}."
+    f"{transform_name}: {argument} must be one of"
+    f" {', '.join(map(repr, choices))}; got {value!r}."
   )
 
 
-def check_divides(value: int, total: int, argument: str, what: str,
-                  transform_name: str, *, why: str = "") -> int:
+def check_divides(
+  value: int,
+  total: int,
+  argument: str,
+  what: str,
+  transform_name: str,
+  *,
+  why: str = "",
+) -> int:
   """Returns ``total // value``, or raises if ``value`` does not divide it.
 
   Args:
@@ -347,7 +373,7 @@ def check_divides(value: int, total: int, argument: str, what: str,
   if total % value:
     divisors = [d for d in range(1, total + 1) if total % d == 0]
     raise ValueError(
-        f"{transform_name}: {argument}={value} must divide {what} {total}"
-        f"{f' ({why})' if why else ''}; divisors of {total}: {divisors}."
+      f"{transform_name}: {argument}={value} must divide {what} {total}"
+      f"{f' ({why})' if why else ''}; divisors of {total}: {divisors}."
     )
   return total // value

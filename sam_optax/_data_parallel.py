@@ -44,7 +44,7 @@ from sam_optax import _transform
 
 
 def synced_gradient_ascent(
-    sync_axes: tuple[Hashable, ...]
+  sync_axes: tuple[Hashable, ...],
 ) -> _transform.AscentDirection:
   """``d = mean over sync_axes of g_{B_d}``: the ascent gradient all-reduced.
 
@@ -54,22 +54,24 @@ def synced_gradient_ascent(
   """
 
   def direction(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args  # the local gradient is taken here
     gradient = _contract.mean_gradient(loss_fn, params, batch)
-    return (jax.lax.pmean(optax.tree.cast(gradient, jnp.float32), sync_axes),
-            state)
+    return (
+      jax.lax.pmean(optax.tree.cast(gradient, jnp.float32), sync_axes),
+      state,
+    )
 
   return _transform.AscentDirection(
-      init=lambda params: optax.EmptyState(), direction=direction
+    init=lambda params: optax.EmptyState(), direction=direction
   )
 
 
@@ -79,19 +81,19 @@ def _check_bound(axes: tuple[Hashable, ...], name: str) -> None:
       jax.lax.axis_size(axis)
     except NameError as error:
       raise NameError(
-          f"{name}: the mesh axis {axis!r} is not bound. Call update inside"
-          " jax.shard_map over a mesh with that axis (the batch sharded along"
-          " it); under a plain jax.jit use m_sam(rho, micro_batch_size=B//D)"
-          " on the sharded batch instead."
+        f"{name}: the mesh axis {axis!r} is not bound. Call update inside"
+        " jax.shard_map over a mesh with that axis (the batch sharded along"
+        " it); under a plain jax.jit use m_sam(rho, micro_batch_size=B//D)"
+        " on the sharded batch instead."
       ) from error
 
 
 def _check_batch_axes(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    axes: tuple[Hashable, ...],
-    name: str,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  axes: tuple[Hashable, ...],
+  name: str,
 ) -> None:
   """Raises if the batch varies over manual mesh axes missing from ``axes``.
 
@@ -104,34 +106,37 @@ def _check_batch_axes(
   """
   losses = jax.eval_shape(loss_fn, params, batch)
   varying = _sharding.varying_axes(losses).union(
-      *map(_sharding.varying_axes, jax.tree.leaves(batch)))
+    *map(_sharding.varying_axes, jax.tree.leaves(batch))
+  )
   missing = varying - set(axes)
   if not missing:
     return
   # In the mesh's order, so that the suggested axis_name reads naturally.
   mesh_axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
-  order = lambda a: (mesh_axes.index(a) if a in mesh_axes else len(mesh_axes),
-                     str(a))
+  order = lambda a: (
+    mesh_axes.index(a) if a in mesh_axes else len(mesh_axes),
+    str(a),
+  )
   missing = tuple(sorted(missing, key=order))
   every = tuple(sorted(set(axes) | set(missing), key=order))
   raise ValueError(
-      f"{name}: the batch varies over the mesh axes {missing}, which are not"
-      f" in axis_name={axes}; the gradient with respect to the replicated"
-      " params would be summed over them (scaled by their size). Pass every"
-      f" axis the batch is sharded over, e.g. axis_name={every}."
+    f"{name}: the batch varies over the mesh axes {missing}, which are not"
+    f" in axis_name={axes}; the gradient with respect to the replicated"
+    " params would be summed over them (scaled by their size). Pass every"
+    f" axis the batch is sharded over, e.g. axis_name={every}."
   )
 
 
 def data_parallel_m_sam(
-    rho: ArrayLike,
-    axis_name: _sharding.AxisName,
-    *,
-    normalize: bool = True,
-    sync_perturbation: bool | _sharding.AxisName = False,
-    micro_batch_size: int | None = None,
-    implementation: _micro_batches.Implementation = "auto",
-    micro_batches_per_chunk: int | None = None,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike,
+  axis_name: _sharding.AxisName,
+  *,
+  normalize: bool = True,
+  sync_perturbation: bool | _sharding.AxisName = False,
+  micro_batch_size: int | None = None,
+  implementation: _micro_batches.Implementation = "auto",
+  micro_batches_per_chunk: int | None = None,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAM over data-parallel devices: local perturbations, averaged gradients.
 
@@ -239,36 +244,47 @@ def data_parallel_m_sam(
     outside = [a for a in sync_axes if a not in axes]
     if outside:
       raise ValueError(
-          f"{name}: sync_perturbation axes {outside} are not among"
-          f" axis_name={axes}; groups are sub-axes of the data-parallel mesh"
-          " axes."
+        f"{name}: sync_perturbation axes {outside} are not among"
+        f" axis_name={axes}; groups are sub-axes of the data-parallel mesh"
+        " axes."
       )
   if sync_axes and micro_batch_size is not None:
     raise ValueError(
-        f"{name}: micro_batch_size splits each device's shard for a local"
-        " perturbation; it cannot be combined with sync_perturbation."
+      f"{name}: micro_batch_size splits each device's shard for a local"
+      " perturbation; it cannot be combined with sync_perturbation."
     )
   if sync_axes:
     local_step = _transform.sharpness_aware(
-        synced_gradient_ascent(sync_axes), rho, normalize=normalize,
-        perturb_mask=perturb_mask, name=name)
+      synced_gradient_ascent(sync_axes),
+      rho,
+      normalize=normalize,
+      perturb_mask=perturb_mask,
+      name=name,
+    )
   elif micro_batch_size is not None:
     local_step = _m_sam.m_sam(
-        rho, micro_batch_size, normalize=normalize,
-        implementation=implementation,
-        micro_batches_per_chunk=micro_batches_per_chunk,
-        perturb_mask=perturb_mask,
+      rho,
+      micro_batch_size,
+      normalize=normalize,
+      implementation=implementation,
+      micro_batches_per_chunk=micro_batches_per_chunk,
+      perturb_mask=perturb_mask,
     )
   else:
     local_step = (_sam.sam if normalize else _sam.usam)(
-        rho, perturb_mask=perturb_mask)
+      rho, perturb_mask=perturb_mask
+    )
 
   def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
     _check_bound(axes, name)
     _check_batch_axes(loss_fn, params, batch, axes, name)
     local, _ = local_step.update(
-        None, optax.EmptyState(), _sharding.local_copy(params, axes),
-        loss_fn=loss_fn, batch=batch)
+      None,
+      optax.EmptyState(),
+      _sharding.local_copy(params, axes),
+      loss_fn=loss_fn,
+      batch=batch,
+    )
     return jax.lax.pmean(optax.tree.cast(local, jnp.float32), axes)
 
   return _transform.from_gradient_fn(gradient_fn, name)

@@ -25,9 +25,9 @@ class FriendlyAscentState(NamedTuple):
 
 
 def friendly_ascent(
-    sigma: ArrayLike = 1.0,
-    ema_decay: ArrayLike = 0.6,
-    momentum_in_direction: Literal["previous", "current"] = "previous",
+  sigma: ArrayLike = 1.0,
+  ema_decay: ArrayLike = 0.6,
+  momentum_in_direction: Literal["previous", "current"] = "previous",
 ) -> _transform.AscentDirection:
   """F-SAM's ascent direction: the clean gradient minus its EMA.
 
@@ -37,8 +37,12 @@ def friendly_ascent(
   ``"current"`` (the paper's formula): ``m_0 = 0``,
   ``m_t = λ m_{t−1} + (1−λ) g_t`` first, then ``d_t = g_t − σ m_t``.
   """
-  _contract.check_choice(momentum_in_direction, ("previous", "current"),
-                         "momentum_in_direction", "f_sam")
+  _contract.check_choice(
+    momentum_in_direction,
+    ("previous", "current"),
+    "momentum_in_direction",
+    "f_sam",
+  )
   _contract.check_number(sigma, "sigma", "f_sam", minimum=0)
   _contract.check_number(ema_decay, "ema_decay", "f_sam", minimum=0, below=1)
   # float32 from the start, so that a Python float and the float32 array
@@ -49,22 +53,22 @@ def friendly_ascent(
 
   def init(params: optax.Params) -> FriendlyAscentState:
     return FriendlyAscentState(
-        count=jnp.zeros([], jnp.int32), momentum=optax.tree.zeros_like(params)
+      count=jnp.zeros([], jnp.int32), momentum=optax.tree.zeros_like(params)
     )
 
   def direction(
-      updates: optax.Updates | None,
-      state: FriendlyAscentState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: FriendlyAscentState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, FriendlyAscentState]:
     del key, extra_args
     gradient = _transform.clean_gradient_or_compute(
-        updates, params, loss_fn, batch
+      updates, params, loss_fn, batch
     )
     ema = optax.tree.update_moment(gradient, state.momentum, ema_decay, 1)
     if momentum_in_direction == "current":
@@ -74,12 +78,13 @@ def friendly_ascent(
       first = state.count == 0
       momentum = optax.tree.where(first, gradient, ema)
       ascent = optax.tree.where(
-          first, gradient,
-          optax.tree.add_scale(gradient, -sigma, state.momentum),
+        first,
+        gradient,
+        optax.tree.add_scale(gradient, -sigma, state.momentum),
       )
     momentum = optax.tree.cast_like(momentum, state.momentum)
     new_state = FriendlyAscentState(
-        count=optax.safe_increment(state.count), momentum=momentum
+      count=optax.safe_increment(state.count), momentum=momentum
     )
     return ascent, new_state
 
@@ -87,12 +92,12 @@ def friendly_ascent(
 
 
 def f_sam(
-    rho: ArrayLike = 0.05,
-    sigma: ArrayLike = 1.0,
-    ema_decay: ArrayLike = 0.6,
-    *,
-    momentum_in_direction: Literal["previous", "current"] = "previous",
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  sigma: ArrayLike = 1.0,
+  ema_decay: ArrayLike = 0.6,
+  *,
+  momentum_in_direction: Literal["previous", "current"] = "previous",
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly SAM (F-SAM): remove the EMA of gradients from the ascent.
 
@@ -128,6 +133,9 @@ def f_sam(
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
   return _transform.sharpness_aware(
-      friendly_ascent(sigma, ema_decay, momentum_in_direction), rho,
-      normalize=True, perturb_mask=perturb_mask, name="f_sam",
+    friendly_ascent(sigma, ema_decay, momentum_in_direction),
+    rho,
+    normalize=True,
+    perturb_mask=perturb_mask,
+    name="f_sam",
   )

@@ -55,8 +55,7 @@ Difference = Literal["forward", "central"]
 
 def is_low_precision(leaf: Any) -> bool:
   dtype = jnp.result_type(leaf)
-  return (jnp.issubdtype(dtype, jnp.floating)
-          and jnp.finfo(dtype).bits < 32)
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
 def probe_parameters(params: Any, probe_in_float32: bool = True) -> Any:
@@ -69,36 +68,38 @@ def probe_parameters(params: Any, probe_in_float32: bool = True) -> Any:
   if not probe_in_float32:
     return params
   return jax.tree.map(
-      lambda w: w.astype(jnp.float32) if is_low_precision(w) else w, params
+    lambda w: w.astype(jnp.float32) if is_low_precision(w) else w, params
   )
 
 
-def losses_float32(loss_fn: _contract.LossFn, params: Any, batch: Any) -> jax.Array:
+def losses_float32(
+  loss_fn: _contract.LossFn, params: Any, batch: Any
+) -> jax.Array:
   return loss_fn(params, batch).astype(jnp.float32)
 
 
-def check_probe_options(sigma: ArrayLike, num_probes: int, difference: str,
-                        name: str) -> int:
+def check_probe_options(
+  sigma: ArrayLike, num_probes: int, difference: str, name: str
+) -> int:
   """Raises a clear error for a bad ``num_probes``, ``difference`` or ``σ``.
 
   Returns ``num_probes`` as a Python int.
   """
   num_probes = _contract.check_integer(num_probes, "num_probes", name)
-  _contract.check_choice(difference, ("forward", "central"), "difference",
-                         name)
+  _contract.check_choice(difference, ("forward", "central"), "difference", name)
   _contract.check_number(sigma, "sigma", name, above=0)
   return num_probes
 
 
 def directional_derivative_estimate(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    key: jax.Array,
-    sigma: ArrayLike,
-    *,
-    losses: jax.Array | None = None,
-    difference: Difference = "forward",
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  key: jax.Array,
+  sigma: ArrayLike,
+  *,
+  losses: jax.Array | None = None,
+  difference: Difference = "forward",
 ) -> jax.Array:
   """``Δ_i / σ ≈ v·∇ℓ_i(w)`` for one probe ``v = rademacher_like(key, params)``.
 
@@ -113,7 +114,8 @@ def directional_derivative_estimate(
   probe = _per_example.rademacher_like(key, params)
   sigma = jnp.asarray(sigma, jnp.float32)
   shift = lambda scale: _perturbation.perturb(
-      params, optax.tree.scale(scale, probe))
+    params, optax.tree.scale(scale, probe)
+  )
   ahead = losses_float32(loss_fn, shift(sigma), batch)
   if difference == "central":
     behind = losses_float32(loss_fn, shift(-sigma), batch)
@@ -124,16 +126,16 @@ def directional_derivative_estimate(
 
 
 def finite_difference_gradient_norms(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    key: jax.Array,
-    *,
-    sigma: ArrayLike = DEFAULT_SIGMA,
-    num_probes: int = 1,
-    losses: jax.Array | None = None,
-    difference: Difference = "forward",
-    probe_in_float32: bool = True,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  key: jax.Array,
+  *,
+  sigma: ArrayLike = DEFAULT_SIGMA,
+  num_probes: int = 1,
+  losses: jax.Array | None = None,
+  difference: Difference = "forward",
+  probe_in_float32: bool = True,
 ) -> jax.Array:
   r"""Estimates ``‖∇ℓ_i(w)‖`` for every example from forward passes only.
 
@@ -180,33 +182,44 @@ def finite_difference_gradient_norms(
   _contract.check_per_example_losses(loss_fn, params, batch, name)
   probe_params = probe_parameters(params, probe_in_float32)
   if probe_in_float32 and any(
-      is_low_precision(leaf) for leaf in jax.tree.leaves(params)):
+    is_low_precision(leaf) for leaf in jax.tree.leaves(params)
+  ):
     losses = None  # the baseline must be evaluated at the probes' precision
   if difference == "forward" and losses is None:
     losses = losses_float32(loss_fn, probe_params, batch)
   keys = jax.random.split(key, num_probes)
-  estimates = jnp.stack([
+  estimates = jnp.stack(
+    [
       directional_derivative_estimate(
-          loss_fn, probe_params, batch, keys[k], sigma, losses=losses,
-          difference=difference)
+        loss_fn,
+        probe_params,
+        batch,
+        keys[k],
+        sigma,
+        losses=losses,
+        difference=difference,
+      )
       for k in range(num_probes)
-  ])
+    ]
+  )
   # sqrt(mean_k x_k²) as a·sqrt(mean_k (x_k/a)²), a = max_k |x_k|: squaring
   # directly overflows float32 for norms above ~1.8e19.
   magnitude = jnp.max(jnp.abs(estimates), axis=0)
-  magnitude = jnp.where(jnp.isfinite(magnitude) & (magnitude > 0), magnitude,
-                        1.0)
-  return magnitude * jnp.sqrt(jnp.mean(jnp.square(estimates / magnitude),
-                                       axis=0))
+  magnitude = jnp.where(
+    jnp.isfinite(magnitude) & (magnitude > 0), magnitude, 1.0
+  )
+  return magnitude * jnp.sqrt(
+    jnp.mean(jnp.square(estimates / magnitude), axis=0)
+  )
 
 
 def per_example_gradient_norms(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    *,
-    chunk_size: int | None = None,
-    per_example_gradients: _per_example.PerExampleGradients = "auto",
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  *,
+  chunk_size: int | None = None,
+  per_example_gradients: _per_example.PerExampleGradients = "auto",
 ) -> jax.Array:
   """The exact ``‖∇ℓ_i(w)‖`` for every example (float32, shape ``[B]``).
 
@@ -251,9 +264,15 @@ def per_example_gradient_norms(
   """
   name = "per_example_gradient_norms"
   method = _per_example.resolve_per_example_gradients(
-      per_example_gradients, loss_fn, name)
+    per_example_gradients, loss_fn, name
+  )
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
   chunk_size = _per_example.check_chunk_size(chunk_size, size, name)
   return _per_example.map_per_example_gradients(
-      _perturbation.global_norm, loss_fn, params, batch, chunk_size=chunk_size,
-      per_example_gradients=method)
+    _perturbation.global_norm,
+    loss_fn,
+    params,
+    batch,
+    chunk_size=chunk_size,
+    per_example_gradients=method,
+  )

@@ -1,8 +1,8 @@
 """GSAM: SAM's gradient less a step along the clean gradient's orthogonal
 part."""
 
-from jax.typing import ArrayLike
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
@@ -12,10 +12,10 @@ from sam_optax import _transform
 
 
 def gsam(
-    rho: ArrayLike = 0.05,
-    alpha: ArrayLike = 0.1,
-    *,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  alpha: ArrayLike = 0.1,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap guided SAM (GSAM).
 
@@ -74,12 +74,16 @@ def gsam(
   # optax.inject_hyperparams passes then give the same arithmetic.
   alpha = jnp.asarray(alpha, jnp.float32)
 
-  def combine(gradient: optax.Updates, adversarial: optax.Updates
-              ) -> optax.Updates:
+  def combine(
+    gradient: optax.Updates, adversarial: optax.Updates
+  ) -> optax.Updates:
     orthogonal = _perturbation.orthogonal_part(gradient, adversarial)
     return optax.tree.add_scale(adversarial, -alpha, orthogonal)
 
   return _transform.combined_sharpness_aware(
-      _sam.clean_gradient_ascent(), rho, combine, perturb_mask=perturb_mask,
-      name="gsam",
+    _sam.clean_gradient_ascent(),
+    rho,
+    combine,
+    perturb_mask=perturb_mask,
+    name="gsam",
   )

@@ -28,11 +28,11 @@ class LookSamState(NamedTuple):
 
 
 def look_sam(
-    rho: ArrayLike = 0.05,
-    every_k: int = 5,
-    alpha: ArrayLike = 0.7,
-    *,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  every_k: int = 5,
+  alpha: ArrayLike = 0.7,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: SAM every ``k`` steps, a cheap correction in between.
 
@@ -106,41 +106,56 @@ def look_sam(
   _contract.check_number(alpha, "alpha", "look_sam", minimum=0)
   alpha = jnp.asarray(alpha, jnp.float32)  # float32 arithmetic, as injected
   sam_step = _transform.sharpness_aware_step(
-      _sam.clean_gradient_ascent(), rho, perturb_mask=perturb_mask,
-      name="look_sam")
+    _sam.clean_gradient_ascent(),
+    rho,
+    perturb_mask=perturb_mask,
+    name="look_sam",
+  )
 
   def init(params: optax.Params) -> LookSamState:
-    return LookSamState(count=jnp.zeros([], jnp.int32),
-                        orthogonal=optax.tree.zeros_like(params))
+    return LookSamState(
+      count=jnp.zeros([], jnp.int32), orthogonal=optax.tree.zeros_like(params)
+    )
 
   def update_fn(
-      updates: optax.Updates | None,
-      state: LookSamState,
-      params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: LookSamState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: _contract.LossFn | None = None,
+    batch: Any = None,
+    key: jax.Array | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, LookSamState]:
     params, loss_fn, batch = _contract.check_update_call(
-        updates, params, loss_fn, batch, "look_sam")
+      updates, params, loss_fn, batch, "look_sam"
+    )
     gradient = _transform.clean_gradient_or_compute(
-        updates, params, loss_fn, batch)
+      updates, params, loss_fn, batch
+    )
 
     def perturbed() -> tuple[optax.Updates, optax.Updates]:
       _, adversarial, _ = sam_step(
-          gradient, optax.EmptyState(), params, loss_fn=loss_fn, batch=batch,
-          key=key, **extra_args)
+        gradient,
+        optax.EmptyState(),
+        params,
+        loss_fn=loss_fn,
+        batch=batch,
+        key=key,
+        **extra_args,
+      )
       orthogonal = _perturbation.orthogonal_part(adversarial, gradient)
-      return (optax.tree.cast_like(adversarial, params),
-              optax.tree.cast_like(orthogonal, state.orthogonal))
+      return (
+        optax.tree.cast_like(adversarial, params),
+        optax.tree.cast_like(orthogonal, state.orthogonal),
+      )
 
     def reused() -> tuple[optax.Updates, optax.Updates]:
       clean = optax.tree.cast(gradient, jnp.float32)
       weight = alpha * _perturbation.global_norm(clean)
       corrected = optax.tree.add_scale(
-          clean, weight, _perturbation.unit_vector(state.orthogonal))
+        clean, weight, _perturbation.unit_vector(state.orthogonal)
+      )
       return optax.tree.cast_like(corrected, params), state.orthogonal
 
     is_sam_step = state.count % every_k == 0
@@ -148,7 +163,8 @@ def look_sam(
       result, orthogonal = jax.lax.cond(is_sam_step, perturbed, reused)
     else:  # a concrete counter (no jit): the branch is chosen here
       result, orthogonal = perturbed() if is_sam_step else reused()
-    return result, LookSamState(count=optax.safe_increment(state.count),
-                                orthogonal=orthogonal)
+    return result, LookSamState(
+      count=optax.safe_increment(state.count), orthogonal=orthogonal
+    )
 
   return optax.GradientTransformationExtraArgs(init, update_fn)

@@ -21,8 +21,8 @@ from sam_optax import _transform
 
 
 def micro_batch_step(
-    sam_step: optax.GradientTransformationExtraArgs,
-    loss_fn: _contract.LossFn,
+  sam_step: optax.GradientTransformationExtraArgs,
+  loss_fn: _contract.LossFn,
 ) -> _micro_batches.MicroBatchStep:
   """One micro-batch's step: exactly a :func:`sam` (or :func:`usam`) update.
 
@@ -32,7 +32,7 @@ def micro_batch_step(
 
   def step(params: Any, micro_batch: Any) -> Any:
     gradient, _ = sam_step.update(
-        None, optax.EmptyState(), params, loss_fn=loss_fn, batch=micro_batch
+      None, optax.EmptyState(), params, loss_fn=loss_fn, batch=micro_batch
     )
     return optax.tree.cast(gradient, jnp.float32)
 
@@ -40,13 +40,13 @@ def micro_batch_step(
 
 
 def m_sam(
-    rho: ArrayLike,
-    micro_batch_size: int,
-    *,
-    normalize: bool = True,
-    implementation: _micro_batches.Implementation = "auto",
-    micro_batches_per_chunk: int | None = None,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike,
+  micro_batch_size: int,
+  *,
+  normalize: bool = True,
+  implementation: _micro_batches.Implementation = "auto",
+  micro_batches_per_chunk: int | None = None,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""m-SAM (and m-USAM): a SAM step on each micro-batch, averaged.
 
@@ -130,19 +130,28 @@ def m_sam(
   name = "m_sam" if normalize else "m_usam"
   _contract.check_rho(rho, name)
   micro_batch_size = _contract.check_integer(
-      micro_batch_size, "micro_batch_size", name)
-  _contract.check_choice(implementation, _micro_batches.IMPLEMENTATIONS,
-                         "implementation", name)
+    micro_batch_size, "micro_batch_size", name
+  )
+  _contract.check_choice(
+    implementation, _micro_batches.IMPLEMENTATIONS, "implementation", name
+  )
   if micro_batches_per_chunk is not None:
     micro_batches_per_chunk = _contract.check_integer(
-        micro_batches_per_chunk, "micro_batches_per_chunk", name)
+      micro_batches_per_chunk, "micro_batches_per_chunk", name
+    )
   sam_step = (_sam.sam if normalize else _sam.usam)(
-      rho, perturb_mask=perturb_mask)
+    rho, perturb_mask=perturb_mask
+  )
 
   def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
     return _micro_batches.mean_over_micro_batches(
-        micro_batch_step(sam_step, loss_fn), params,
-        batch, micro_batch_size, implementation=implementation,
-        micro_batches_per_chunk=micro_batches_per_chunk, name=name)
+      micro_batch_step(sam_step, loss_fn),
+      params,
+      batch,
+      micro_batch_size,
+      implementation=implementation,
+      micro_batches_per_chunk=micro_batches_per_chunk,
+      name=name,
+    )
 
   return _transform.from_gradient_fn(gradient_fn, name)

@@ -40,9 +40,13 @@ MicroBatchStep = Callable[[Any, Any], Any]
 def num_micro_batches(batch: Any, micro_batch_size: int, name: str) -> int:
   """``k = B / m``, with a clear error if ``m`` does not divide ``B``."""
   return _contract.check_divides(
-      micro_batch_size, _contract.batch_size(batch, name), "micro_batch_size",
-      "the batch size", name,
-      why="micro-batches are equal, contiguous slices")
+    micro_batch_size,
+    _contract.batch_size(batch, name),
+    "micro_batch_size",
+    "the batch size",
+    name,
+    why="micro-batches are equal, contiguous slices",
+  )
 
 
 def split_micro_batches(batch: Any, micro_batch_size: int, name: str) -> Any:
@@ -72,7 +76,7 @@ def split_micro_batches(batch: Any, micro_batch_size: int, name: str) -> Any:
 
 
 def resolve_implementation(
-    implementation: Implementation, micro_batches: Any
+  implementation: Implementation, micro_batches: Any
 ) -> str:
   """Resolves ``"auto"``: unrolled on a CPU for few micro-batches, else vmap.
 
@@ -83,18 +87,21 @@ def resolve_implementation(
     return implementation
   leaves = jax.tree.leaves(micro_batches)
   count = leaves[0].shape[0]
-  if (jax.default_backend() == "cpu" and count <= MAX_UNROLLED_MICRO_BATCHES
-      and all(_sharding.explicit_shards(x) == 1 for x in leaves)):
+  if (
+    jax.default_backend() == "cpu"
+    and count <= MAX_UNROLLED_MICRO_BATCHES
+    and all(_sharding.explicit_shards(x) == 1 for x in leaves)
+  ):
     return "unrolled"
   return "vmap"
 
 
 def _mean_of_chunk(
-    step: MicroBatchStep,
-    params: Any,
-    micro_batches: Any,
-    implementation: Implementation,
-    name: str,
+  step: MicroBatchStep,
+  params: Any,
+  micro_batches: Any,
+  implementation: Implementation,
+  name: str,
 ) -> Any:
   """``(1/c) Σ_j step(w, B_j)`` over the leading axis of ``micro_batches``."""
   implementation = resolve_implementation(implementation, micro_batches)
@@ -103,13 +110,14 @@ def _mean_of_chunk(
     return jax.tree.map(lambda g: jnp.mean(g, axis=0), results)
   # Unrolled: c independent subgraphs in one program, which XLA schedules
   # freely (on a CPU this beats the grouped convolutions that vmap produces).
-  if any(_sharding.explicit_shards(x) > 1
-         for x in jax.tree.leaves(micro_batches)):
+  if any(
+    _sharding.explicit_shards(x) > 1 for x in jax.tree.leaves(micro_batches)
+  ):
     raise ValueError(
-        f"{name}: implementation='unrolled' slices the micro-batches apart and"
-        " cannot keep a batch sharded over devices (explicit mesh axes); use"
-        " implementation='vmap', which computes each device's micro-batches"
-        " where they live."
+      f"{name}: implementation='unrolled' slices the micro-batches apart and"
+      " cannot keep a batch sharded over devices (explicit mesh axes); use"
+      " implementation='vmap', which computes each device's micro-batches"
+      " where they live."
     )
   count = jax.tree.leaves(micro_batches)[0].shape[0]
   total = None
@@ -120,14 +128,14 @@ def _mean_of_chunk(
 
 
 def mean_over_micro_batches(
-    step: MicroBatchStep,
-    params: Any,
-    batch: Any,
-    micro_batch_size: int,
-    *,
-    implementation: Implementation = "auto",
-    micro_batches_per_chunk: int | None = None,
-    name: str,
+  step: MicroBatchStep,
+  params: Any,
+  batch: Any,
+  micro_batch_size: int,
+  *,
+  implementation: Implementation = "auto",
+  micro_batches_per_chunk: int | None = None,
+  name: str,
 ) -> Any:
   """``(1/k) Σ_j step(w, B_j)`` over the ``k`` contiguous micro-batches ``B_j``.
 
@@ -143,17 +151,24 @@ def mean_over_micro_batches(
   micro_batches = split_micro_batches(batch, micro_batch_size, name)
   per_chunk = micro_batches_per_chunk or count
   _contract.check_divides(
-      per_chunk, count, "micro_batches_per_chunk",
-      "the number of micro-batches", name,
-      why="batch size / micro_batch_size")
+    per_chunk,
+    count,
+    "micro_batches_per_chunk",
+    "the number of micro-batches",
+    name,
+    why="batch size / micro_batch_size",
+  )
   chunk_mean = functools.partial(
-      _mean_of_chunk, step, implementation=implementation, name=name)
+    _mean_of_chunk, step, implementation=implementation, name=name
+  )
   if per_chunk == count:
     return chunk_mean(params, micro_batches)
   # optax's column-major split of the micro-batch axis puts micro-batches
   # j, j+k/c, ... in one chunk: harmless, since the micro-batches themselves
   # are fixed above and only their mean is kept.
   return optax.microbatching.microbatch(
-      chunk_mean, argnums=1, microbatch_size=per_chunk,
-      accumulator=optax.microbatching.AccumulationType.MEAN,
+    chunk_mean,
+    argnums=1,
+    microbatch_size=per_chunk,
+    accumulator=optax.microbatching.AccumulationType.MEAN,
   )(params, micro_batches)

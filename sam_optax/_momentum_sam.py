@@ -35,14 +35,14 @@ def _negative_momentum_ascent() -> _transform.AscentDirection:
     return MomentumSamState(optax.tree.zeros_like(params))
 
   def direction(
-      updates: optax.Updates | None,
-      state: MomentumSamState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: MomentumSamState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, MomentumSamState]:
     del updates, params, loss_fn, batch, key, extra_args  # no clean gradient
     return optax.tree.scale(-1.0, state.momentum), state
@@ -51,10 +51,10 @@ def _negative_momentum_ascent() -> _transform.AscentDirection:
 
 
 def momentum_sam(
-    rho: ArrayLike = 0.3,
-    momentum: ArrayLike = 0.9,
-    *,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.3,
+  momentum: ArrayLike = 0.9,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum-SAM (MSAM): perturb along the negative momentum, no extra pass.
 
@@ -108,23 +108,27 @@ def momentum_sam(
     Becker et al., `Momentum-SAM: Sharpness Aware Minimization without
     Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
   """
-  _contract.check_number(momentum, "momentum", "momentum_sam", minimum=0,
-                         below=1)
+  _contract.check_number(
+    momentum, "momentum", "momentum_sam", minimum=0, below=1
+  )
   momentum = jnp.asarray(momentum, jnp.float32)  # as injected: float32
   ascent = _negative_momentum_ascent()
   step = _transform.sharpness_aware_step(
-      ascent, rho, perturb_mask=perturb_mask, name="momentum_sam")
+    ascent, rho, perturb_mask=perturb_mask, name="momentum_sam"
+  )
 
   def update_fn(
-      updates: optax.Updates | None,
-      state: MomentumSamState,
-      params: optax.Params | None = None,
-      **kwargs: Any,
+    updates: optax.Updates | None,
+    state: MomentumSamState,
+    params: optax.Params | None = None,
+    **kwargs: Any,
   ) -> tuple[optax.Updates, MomentumSamState]:
     _, gradient, state = step(updates, state, params, **kwargs)
-    trace = jax.tree.map(lambda g, v: g + momentum * v, gradient,
-                         state.momentum)
+    trace = jax.tree.map(
+      lambda g, v: g + momentum * v, gradient, state.momentum
+    )
     return gradient, MomentumSamState(
-        optax.tree.cast_like(trace, state.momentum))
+      optax.tree.cast_like(trace, state.momentum)
+    )
 
   return optax.GradientTransformationExtraArgs(ascent.init, update_fn)

@@ -21,43 +21,44 @@ def ascent_set_ascent() -> _transform.AscentDirection:
   """
 
   def direction(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      ascent_batch: Any = None,
-      ascent_gradient: optax.Updates | None = None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    ascent_batch: Any = None,
+    ascent_gradient: optax.Updates | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, batch, key, extra_args
     if (ascent_batch is None) == (ascent_gradient is None):
       raise TypeError(
-          "n_sam.update needs exactly one of the keyword arguments"
-          " `ascent_batch` (a batch to take the ascent gradient on) or"
-          " `ascent_gradient` (a precomputed gradient, e.g. the full-data"
-          " gradient); got "
-          + ("both." if ascent_batch is not None else "neither.")
+        "n_sam.update needs exactly one of the keyword arguments"
+        " `ascent_batch` (a batch to take the ascent gradient on) or"
+        " `ascent_gradient` (a precomputed gradient, e.g. the full-data"
+        " gradient); got "
+        + ("both." if ascent_batch is not None else "neither.")
       )
     if ascent_gradient is not None:
-      _contract.check_same_structure(ascent_gradient, params,
-                                     "ascent_gradient", "n_sam")
+      _contract.check_same_structure(
+        ascent_gradient, params, "ascent_gradient", "n_sam"
+      )
       return ascent_gradient, state
     _contract.check_per_example_losses(loss_fn, params, ascent_batch, "n_sam")
     return _contract.mean_gradient(loss_fn, params, ascent_batch), state
 
   return _transform.AscentDirection(
-      init=lambda params: optax.EmptyState(), direction=direction
+    init=lambda params: optax.EmptyState(), direction=direction
   )
 
 
 def n_sam(
-    rho: ArrayLike = 0.05,
-    *,
-    normalize: bool = True,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  *,
+  normalize: bool = True,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""n-SAM (and n-USAM): the ascent on a larger set ``A``, the descent on ``B``.
 
@@ -93,6 +94,9 @@ def n_sam(
     Noise <https://arxiv.org/abs/2509.18001>`_, 2025.
   """
   return _transform.sharpness_aware(
-      ascent_set_ascent(), rho, normalize=normalize,
-      perturb_mask=perturb_mask, name="n_sam" if normalize else "n_usam",
+    ascent_set_ascent(),
+    rho,
+    normalize=normalize,
+    perturb_mask=perturb_mask,
+    name="n_sam" if normalize else "n_usam",
   )

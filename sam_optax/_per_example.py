@@ -61,7 +61,7 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
     with probability 1/2.
   """
   return optax.tree.random_like(
-      key, tree, sampler=jax.random.rademacher, dtype=jnp.float32
+    key, tree, sampler=jax.random.rademacher, dtype=jnp.float32
   )
 
 
@@ -77,7 +77,7 @@ def couples_examples(loss_fn: _contract.LossFn) -> bool:
 
 
 def resolve_per_example_gradients(
-    per_example_gradients: Any, loss_fn: _contract.LossFn, name: str
+  per_example_gradients: Any, loss_fn: _contract.LossFn, name: str
 ) -> str:
   """``"batch_of_one"`` or ``"jacobian"``: ``"auto"`` resolved for ``loss_fn``.
 
@@ -85,23 +85,25 @@ def resolve_per_example_gradients(
     ValueError: if ``per_example_gradients`` is not one of
       ``"auto"``, ``"batch_of_one"``, ``"jacobian"``.
   """
-  _contract.check_choice(per_example_gradients, PER_EXAMPLE_GRADIENTS,
-                         "per_example_gradients", name)
+  _contract.check_choice(
+    per_example_gradients, PER_EXAMPLE_GRADIENTS, "per_example_gradients", name
+  )
   if per_example_gradients != "auto":
     return per_example_gradients
   return "jacobian" if couples_examples(loss_fn) else "batch_of_one"
 
 
 def _map_jacobian_rows(
-    fn: Callable[[Any], Any],
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    chunk_size: int | None,
+  fn: Callable[[Any], Any],
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  chunk_size: int | None,
 ) -> Any:
   """``fn(e_iᵀ J)`` for every row of the Jacobian of the loss vector."""
   losses, pullback = jax.vjp(
-      lambda p: loss_fn(p, batch).astype(jnp.float32), params)
+    lambda p: loss_fn(p, batch).astype(jnp.float32), params
+  )
   size = losses.shape[0]
 
   def row(i: jax.Array) -> Any:
@@ -115,13 +117,13 @@ def _map_jacobian_rows(
 
 
 def map_per_example_gradients(
-    fn: Callable[[Any], Any],
-    loss_fn: _contract.LossFn,
-    params: Any,
-    batch: Any,
-    *,
-    chunk_size: int | None = None,
-    per_example_gradients: PerExampleGradients = "auto",
+  fn: Callable[[Any], Any],
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  *,
+  chunk_size: int | None = None,
+  per_example_gradients: PerExampleGradients = "auto",
 ) -> Any:
   """``fn(∇ℓ_i(w))`` for every example ``i``, stacked along a leading axis.
 
@@ -137,7 +139,8 @@ def map_per_example_gradients(
     ``fn``'s outputs, each leaf with a leading axis of size ``B``.
   """
   method = resolve_per_example_gradients(
-      per_example_gradients, loss_fn, "map_per_example_gradients")
+    per_example_gradients, loss_fn, "map_per_example_gradients"
+  )
   if method == "jacobian":
     return _map_jacobian_rows(fn, loss_fn, params, batch, chunk_size)
 
@@ -146,9 +149,10 @@ def map_per_example_gradients(
     return loss_fn(p, example)[0].astype(jnp.float32)
 
   gradient_fn = optax.microbatching.micro_grad(
-      example_loss, transform_fn=lambda gradient: (),
-      metrics_fn=lambda gradient: fn(optax.tree.cast(gradient, jnp.float32)),
-      microbatch_size=chunk_size,
+    example_loss,
+    transform_fn=lambda gradient: (),
+    metrics_fn=lambda gradient: fn(optax.tree.cast(gradient, jnp.float32)),
+    microbatch_size=chunk_size,
   )
   _, outputs = gradient_fn(params, batch)
   return outputs.metrics
@@ -157,8 +161,10 @@ def map_per_example_gradients(
 def check_chunk_size(chunk_size: Any, size: int, name: str) -> int | None:
   """``chunk_size`` as an int dividing the batch size ``size``, or None."""
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True)
+    chunk_size, "chunk_size", name, optional=True
+  )
   if chunk_size is not None:
-    _contract.check_divides(chunk_size, size, "chunk_size", "the batch size",
-                            name)
+    _contract.check_divides(
+      chunk_size, size, "chunk_size", "the batch size", name
+    )
   return chunk_size

@@ -66,8 +66,10 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def resolve_mask(
-    mask: PerturbMask, params: Any, transform_name: str,
-    argument: str = "perturb_mask",
+  mask: PerturbMask,
+  params: Any,
+  transform_name: str,
+  argument: str = "perturb_mask",
 ) -> Any | None:
   """The pytree of bools ``mask`` stands for at ``params`` (None stays None).
 
@@ -78,11 +80,17 @@ def resolve_mask(
     return None
   tree = mask(params) if callable(mask) else mask
   _contract.check_same_structure(
-      tree, params, argument, transform_name,
-      hint=(f"Pass a pytree of bools shaped like params, or a function of"
-            " params returning one. (Inside optax.inject_hyperparams a"
-            " callable argument is taken for a schedule: pass"
-            f" static_args=({argument!r},).)"))
+    tree,
+    params,
+    argument,
+    transform_name,
+    hint=(
+      f"Pass a pytree of bools shaped like params, or a function of"
+      " params returning one. (Inside optax.inject_hyperparams a"
+      " callable argument is taken for a schedule: pass"
+      f" static_args=({argument!r},).)"
+    ),
+  )
   return tree
 
 
@@ -100,12 +108,12 @@ def apply_mask(tree: Any, mask: Any | None) -> Any:
 
 
 def perturbation(
-    direction: Any,
-    rho: ArrayLike,
-    *,
-    normalize: bool = True,
-    scale: Any | None = None,
-    mask: Any | None = None,
+  direction: Any,
+  rho: ArrayLike,
+  *,
+  normalize: bool = True,
+  scale: Any | None = None,
+  mask: Any | None = None,
 ) -> Any:
   """The ascent perturbation ``ε`` (float32 leaves).
 
@@ -159,19 +167,20 @@ def orthogonal_part(tree: Any, onto: Any) -> Any:
   """
   tree = optax.tree.cast(tree, jnp.float32)
   direction = unit_vector(onto)
-  return optax.tree.add_scale(tree, -optax.tree.vdot(tree, direction),
-                              direction)
+  return optax.tree.add_scale(
+    tree, -optax.tree.vdot(tree, direction), direction
+  )
 
 
 def perturb(params: Any, epsilon: Any) -> Any:
   """``w + ε``, in the parameters' own dtypes."""
   return jax.tree.map(
-      lambda w, e: (w + e).astype(jnp.result_type(w)), params, epsilon
+    lambda w, e: (w + e).astype(jnp.result_type(w)), params, epsilon
   )
 
 
 def perturbed_gradient(
-    loss_fn: _contract.LossFn, params: Any, epsilon: Any, batch: Any
+  loss_fn: _contract.LossFn, params: Any, epsilon: Any, batch: Any
 ) -> Any:
   """``∇L_B(w + ε)``: the gradient SAM hands on to the base optimizer."""
   return _contract.mean_gradient(loss_fn, perturb(params, epsilon), batch)

@@ -60,16 +60,18 @@ class ReweightedAscentState(NamedTuple):
   effective_sample_size: jax.Array
 
 
-def scale_scores(scores: jax.Array, norm_scaling: NormScaling = "mean"
-                 ) -> jax.Array:
+def scale_scores(
+  scores: jax.Array, norm_scaling: NormScaling = "mean"
+) -> jax.Array:
   """``ŝ`` from non-negative scores ``x`` (``δ = 1e-12``).
 
   ``"mean"``: ``x / (mean x + δ)``; ``"max"``: ``x / (max x + δ)``;
   ``"zscore"``: ``(x − mean x) / (std x + δ)``; ``"none"``: ``x``. The first
   three make ``λ`` scale-free (the same weights for ``x`` and ``c·x``).
   """
-  _contract.check_choice(norm_scaling, NORM_SCALINGS, "norm_scaling",
-                         "scale_scores")
+  _contract.check_choice(
+    norm_scaling, NORM_SCALINGS, "norm_scaling", "scale_scores"
+  )
   scores = scores.astype(jnp.float32)
   if norm_scaling == "none":
     return scores
@@ -85,8 +87,9 @@ def scale_scores(scores: jax.Array, norm_scaling: NormScaling = "mean"
   return (scores - jnp.mean(scores)) / (jnp.std(scores) + eps)  # "zscore"
 
 
-def _scores(norms: jax.Array, score: Score, norm_scaling: NormScaling
-            ) -> jax.Array:
+def _scores(
+  norms: jax.Array, score: Score, norm_scaling: NormScaling
+) -> jax.Array:
   """``s`` or ``s²``, the latter without overflow where the scaling allows."""
   norms = norms.astype(jnp.float32)
   if score == "norm":
@@ -95,13 +98,17 @@ def _scores(norms: jax.Array, score: Score, norm_scaling: NormScaling
     return jnp.minimum(jnp.square(norms), jnp.finfo(jnp.float32).max)
   # The other scalings divide by a statistic of the scores: squaring s/max s
   # gives the same ŝ (up to δ) for norms whose squares overflow float32.
-  return jnp.square(_perturbation.divide(
-      norms, _perturbation.magnitude_scale(norms)))
+  return jnp.square(
+    _perturbation.divide(norms, _perturbation.magnitude_scale(norms))
+  )
 
 
-def gibbs_weights(norms: jax.Array, lam: ArrayLike,
-                  norm_scaling: NormScaling = "mean",
-                  score: Score = "norm") -> jax.Array:
+def gibbs_weights(
+  norms: jax.Array,
+  lam: ArrayLike,
+  norm_scaling: NormScaling = "mean",
+  score: Score = "norm",
+) -> jax.Array:
   """RW-SAM's weights ``p = softmax(ŝ/λ)`` (2509.18001, Equation 20).
 
   ``ŝ`` is the scaled score ``x``: ``x = s`` (``score="norm"``) or ``s²``
@@ -130,33 +137,34 @@ def gibbs_weights(norms: jax.Array, lam: ArrayLike,
   return jax.nn.softmax(jnp.clip(logits, -largest, largest))
 
 
-def _diagnostics(losses: jax.Array, norms: jax.Array,
-                 weights: jax.Array) -> ReweightedAscentState:
+def _diagnostics(
+  losses: jax.Array, norms: jax.Array, weights: jax.Array
+) -> ReweightedAscentState:
   magnitude = _perturbation.magnitude_scale(norms)  # no overflow in the std
   return ReweightedAscentState(
-      clean_loss=jnp.mean(losses.astype(jnp.float32)),
-      gradient_norm_mean=jnp.mean(norms),
-      gradient_norm_std=magnitude * jnp.std(
-          _perturbation.divide(norms, magnitude)),
-      gradient_norm_max=jnp.max(norms),
-      weight_entropy=jnp.sum(jax.scipy.special.entr(weights)),
-      effective_sample_size=1.0 / jnp.sum(jnp.square(weights)),
+    clean_loss=jnp.mean(losses.astype(jnp.float32)),
+    gradient_norm_mean=jnp.mean(norms),
+    gradient_norm_std=magnitude
+    * jnp.std(_perturbation.divide(norms, magnitude)),
+    gradient_norm_max=jnp.max(norms),
+    weight_entropy=jnp.sum(jax.scipy.special.entr(weights)),
+    effective_sample_size=1.0 / jnp.sum(jnp.square(weights)),
   )
 
 
 def reweighted_ascent(
-    lam: ArrayLike = 0.5,
-    *,
-    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int | None = None,
-    norm_scaling: NormScaling = "mean",
-    score: Score = "norm",
-    gradient_norms: GradientNorms = "finite_difference",
-    difference: _gradient_norms.Difference = "forward",
-    probe_in_float32: bool = True,
-    chunk_size: int | None = None,
-    per_example_gradients: _per_example.PerExampleGradients = "auto",
-    name: str = "rw_sam",
+  lam: ArrayLike = 0.5,
+  *,
+  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  num_probes: int | None = None,
+  norm_scaling: NormScaling = "mean",
+  score: Score = "norm",
+  gradient_norms: GradientNorms = "finite_difference",
+  difference: _gradient_norms.Difference = "forward",
+  probe_in_float32: bool = True,
+  chunk_size: int | None = None,
+  per_example_gradients: _per_example.PerExampleGradients = "auto",
+  name: str = "rw_sam",
 ) -> _transform.AscentDirection:
   """RW-SAM's ascent direction ``g_p = ∇ Σ_i p_i ℓ_i(w)``, ``p = softmax(ŝ/λ)``.
 
@@ -175,19 +183,25 @@ def reweighted_ascent(
   """
   _contract.check_choice(norm_scaling, NORM_SCALINGS, "norm_scaling", name)
   _contract.check_choice(score, SCORES, "score", name)
-  _contract.check_choice(per_example_gradients,
-                         _per_example.PER_EXAMPLE_GRADIENTS,
-                         "per_example_gradients", name)
-  _contract.check_choice(gradient_norms, ("finite_difference", "exact"),
-                         "gradient_norms", name)
+  _contract.check_choice(
+    per_example_gradients,
+    _per_example.PER_EXAMPLE_GRADIENTS,
+    "per_example_gradients",
+    name,
+  )
+  _contract.check_choice(
+    gradient_norms, ("finite_difference", "exact"), "gradient_norms", name
+  )
   _contract.check_number(lam, "lam", name, above=0, allow_inf=True)
   # None, not 1, by default: optax.inject_hyperparams turns an int argument
   # into an array, and the probe count must stay a Python int.
   num_probes = 1 if num_probes is None else num_probes
   num_probes = _gradient_norms.check_probe_options(
-      sigma, num_probes, difference, name)
-  chunk_size = _contract.check_integer(chunk_size, "chunk_size", name,
-                                      optional=True)
+    sigma, num_probes, difference, name
+  )
+  chunk_size = _contract.check_integer(
+    chunk_size, "chunk_size", name, optional=True
+  )
 
   def init(params: optax.Params) -> ReweightedAscentState:
     del params
@@ -195,35 +209,47 @@ def reweighted_ascent(
     return ReweightedAscentState(*([zero] * len(ReweightedAscentState._fields)))
 
   def direction(
-      updates: optax.Updates | None,
-      state: ReweightedAscentState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: ReweightedAscentState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, ReweightedAscentState]:
     del updates, state, extra_args  # the clean gradient is not needed
     if gradient_norms == "finite_difference" and key is None:
       raise TypeError(
-          f"{name}.update needs the keyword argument `key`, a PRNG key for"
-          " the Rademacher probes that estimate per-example gradient norms;"
-          " pass a new one each step, e.g. key=jax.random.fold_in(key, step)."
-          " (gradient_norms='exact' needs no key.)"
+        f"{name}.update needs the keyword argument `key`, a PRNG key for"
+        " the Rademacher probes that estimate per-example gradient norms;"
+        " pass a new one each step, e.g. key=jax.random.fold_in(key, step)."
+        " (gradient_norms='exact' needs no key.)"
       )
     losses, pullback = jax.vjp(lambda p: loss_fn(p, batch), params)
     if gradient_norms == "exact":
       norms = _gradient_norms.per_example_gradient_norms(
-          loss_fn, params, batch, chunk_size=chunk_size,
-          per_example_gradients=per_example_gradients)
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        per_example_gradients=per_example_gradients,
+      )
     else:
       norms = _gradient_norms.finite_difference_gradient_norms(
-          loss_fn, params, batch, key, sigma=sigma, num_probes=num_probes,
-          losses=losses, difference=difference,
-          probe_in_float32=probe_in_float32)
+        loss_fn,
+        params,
+        batch,
+        key,
+        sigma=sigma,
+        num_probes=num_probes,
+        losses=losses,
+        difference=difference,
+        probe_in_float32=probe_in_float32,
+      )
     weights = jax.lax.stop_gradient(
-        gibbs_weights(norms, lam, norm_scaling, score))
+      gibbs_weights(norms, lam, norm_scaling, score)
+    )
     (ascent,) = pullback(weights.astype(losses.dtype))
     return ascent, _diagnostics(losses, norms, weights)
 
@@ -231,19 +257,19 @@ def reweighted_ascent(
 
 
 def rw_sam(
-    rho: ArrayLike = 0.05,
-    lam: ArrayLike = 0.5,
-    *,
-    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int | None = None,
-    norm_scaling: NormScaling = "mean",
-    score: Score = "norm",
-    gradient_norms: GradientNorms = "finite_difference",
-    difference: _gradient_norms.Difference = "forward",
-    probe_in_float32: bool = True,
-    chunk_size: int | None = None,
-    per_example_gradients: _per_example.PerExampleGradients = "auto",
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  lam: ArrayLike = 0.5,
+  *,
+  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  num_probes: int | None = None,
+  norm_scaling: NormScaling = "mean",
+  score: Score = "norm",
+  gradient_norms: GradientNorms = "finite_difference",
+  difference: _gradient_norms.Difference = "forward",
+  probe_in_float32: bool = True,
+  chunk_size: int | None = None,
+  per_example_gradients: _per_example.PerExampleGradients = "auto",
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted SAM (RW-SAM).
 
@@ -329,33 +355,42 @@ def rw_sam(
     Noise <https://arxiv.org/abs/2509.18001>`_, 2025 (§4, Algorithm 1).
   """
   return _transform.sharpness_aware(
-      reweighted_ascent(
-          lam, sigma=sigma, num_probes=num_probes,
-          norm_scaling=norm_scaling, score=score,
-          gradient_norms=gradient_norms, difference=difference,
-          probe_in_float32=probe_in_float32, chunk_size=chunk_size,
-          per_example_gradients=per_example_gradients,
-          name="rw_sam"),
-      rho, normalize=True, perturb_mask=perturb_mask, name="rw_sam",
+    reweighted_ascent(
+      lam,
+      sigma=sigma,
+      num_probes=num_probes,
+      norm_scaling=norm_scaling,
+      score=score,
+      gradient_norms=gradient_norms,
+      difference=difference,
+      probe_in_float32=probe_in_float32,
+      chunk_size=chunk_size,
+      per_example_gradients=per_example_gradients,
+      name="rw_sam",
+    ),
+    rho,
+    normalize=True,
+    perturb_mask=perturb_mask,
+    name="rw_sam",
   )
 
 
 def rw_asam(
-    rho: ArrayLike = 0.5,
-    lam: ArrayLike = 0.5,
-    eta: ArrayLike = 0.01,
-    *,
-    scale_mask: _asam.Mask = None,
-    sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
-    num_probes: int | None = None,
-    norm_scaling: NormScaling = "mean",
-    score: Score = "norm",
-    gradient_norms: GradientNorms = "finite_difference",
-    difference: _gradient_norms.Difference = "forward",
-    probe_in_float32: bool = True,
-    chunk_size: int | None = None,
-    per_example_gradients: _per_example.PerExampleGradients = "auto",
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.5,
+  lam: ArrayLike = 0.5,
+  eta: ArrayLike = 0.01,
+  *,
+  scale_mask: _asam.Mask = None,
+  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  num_probes: int | None = None,
+  norm_scaling: NormScaling = "mean",
+  score: Score = "norm",
+  gradient_norms: GradientNorms = "finite_difference",
+  difference: _gradient_norms.Difference = "forward",
+  probe_in_float32: bool = True,
+  chunk_size: int | None = None,
+  per_example_gradients: _per_example.PerExampleGradients = "auto",
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reweighted ASAM: RW-SAM's weighted ascent with ASAM's scale.
 
@@ -395,13 +430,22 @@ def rw_asam(
   """
   _contract.check_number(eta, "eta", "rw_asam", minimum=0)
   return _transform.sharpness_aware(
-      reweighted_ascent(
-          lam, sigma=sigma, num_probes=num_probes,
-          norm_scaling=norm_scaling, score=score,
-          gradient_norms=gradient_norms, difference=difference,
-          probe_in_float32=probe_in_float32, chunk_size=chunk_size,
-          per_example_gradients=per_example_gradients,
-          name="rw_asam"),
-      rho, normalize=True, scale_fn=_asam.adaptive_scale(eta, scale_mask),
-      perturb_mask=perturb_mask, name="rw_asam",
+    reweighted_ascent(
+      lam,
+      sigma=sigma,
+      num_probes=num_probes,
+      norm_scaling=norm_scaling,
+      score=score,
+      gradient_norms=gradient_norms,
+      difference=difference,
+      probe_in_float32=probe_in_float32,
+      chunk_size=chunk_size,
+      per_example_gradients=per_example_gradients,
+      name="rw_asam",
+    ),
+    rho,
+    normalize=True,
+    scale_fn=_asam.adaptive_scale(eta, scale_mask),
+    perturb_mask=perturb_mask,
+    name="rw_asam",
   )

@@ -19,28 +19,28 @@ def clean_gradient_ascent() -> _transform.AscentDirection:
   """
 
   def direction(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del key, extra_args
     return (
-        _transform.clean_gradient_or_compute(updates, params, loss_fn, batch),
-        state,
+      _transform.clean_gradient_or_compute(updates, params, loss_fn, batch),
+      state,
     )
 
   return _transform.AscentDirection(
-      init=lambda params: optax.EmptyState(), direction=direction
+    init=lambda params: optax.EmptyState(), direction=direction
   )
 
 
 def sam(
-    rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
+  rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Mini-batch sharpness-aware minimization (SAM).
 
@@ -76,13 +76,16 @@ def sam(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
   """
   return _transform.sharpness_aware(
-      clean_gradient_ascent(), rho, normalize=True,
-      perturb_mask=perturb_mask, name="sam",
+    clean_gradient_ascent(),
+    rho,
+    normalize=True,
+    perturb_mask=perturb_mask,
+    name="sam",
   )
 
 
 def usam(
-    rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
+  rho: ArrayLike = 0.05, *, perturb_mask: _perturbation.PerturbMask = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Unnormalized SAM (USAM).
 
@@ -104,6 +107,9 @@ def usam(
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022.
   """
   return _transform.sharpness_aware(
-      clean_gradient_ascent(), rho, normalize=False,
-      perturb_mask=perturb_mask, name="usam",
+    clean_gradient_ascent(),
+    rho,
+    normalize=False,
+    perturb_mask=perturb_mask,
+    name="usam",
   )

@@ -43,8 +43,7 @@ def explicit_shards(x: jax.Array) -> int:
   return jnp.shape(x)[0] // sharding.shard_shape(jnp.shape(x))[0]
 
 
-def split_leading_axis_sharding(x: jax.Array, count: int,
-                                name: str) -> Any:
+def split_leading_axis_sharding(x: jax.Array, count: int, name: str) -> Any:
   """The sharding of ``x.reshape(count, -1, ...)`` under explicit mesh axes.
 
   Explicit sharding asks for the output sharding of a reshape that splits a
@@ -60,9 +59,9 @@ def split_leading_axis_sharding(x: jax.Array, count: int,
     return None
   if count % shards:
     raise ValueError(
-        f"{name}: the batch axis is sharded over {shards} devices, which must"
-        f" divide the number of micro-batches {count} (each device holds whole"
-        " micro-batches)."
+      f"{name}: the batch axis is sharded over {shards} devices, which must"
+      f" divide the number of micro-batches {count} (each device holds whole"
+      " micro-batches)."
     )
   sharding = jax.typeof(x).sharding
   spec = tuple(sharding.spec)

@@ -33,17 +33,16 @@ class DirectionFn(Protocol):
   """
 
   def __call__(
-      self,
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, optax.OptState]:
-    ...
+    self,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]: ...
 
 
 class AscentDirection(NamedTuple):
@@ -59,10 +58,10 @@ class AscentDirection(NamedTuple):
 
 
 def clean_gradient_or_compute(
-    updates: optax.Updates | None,
-    params: optax.Params,
-    loss_fn: _contract.LossFn,
-    batch: Any,
+  updates: optax.Updates | None,
+  params: optax.Params,
+  loss_fn: _contract.LossFn,
+  batch: Any,
 ) -> optax.Updates:
   """The clean gradient ``∇L_B(w)``: ``updates`` if given, else computed."""
   if updates is not None:
@@ -82,27 +81,26 @@ class SharpnessAwareStep(Protocol):
   """
 
   def __call__(
-      self,
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
-  ) -> tuple[optax.Updates, optax.Updates, optax.OptState]:
-    ...
+    self,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: _contract.LossFn | None = None,
+    batch: Any = None,
+    key: jax.Array | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.Updates, optax.OptState]: ...
 
 
 def sharpness_aware_step(
-    ascent: AscentDirection,
-    rho: ArrayLike,
-    *,
-    normalize: bool = True,
-    scale_fn: Callable[[optax.Params], Any] | None = None,
-    perturb_mask: _perturbation.PerturbMask = None,
-    name: str = "sharpness_aware",
+  ascent: AscentDirection,
+  rho: ArrayLike,
+  *,
+  normalize: bool = True,
+  scale_fn: Callable[[optax.Params], Any] | None = None,
+  perturb_mask: _perturbation.PerturbMask = None,
+  name: str = "sharpness_aware",
 ) -> SharpnessAwareStep:
   """The step of :func:`sharpness_aware`, returning the direction too.
 
@@ -119,43 +117,49 @@ def sharpness_aware_step(
   _contract.check_rho(rho, name)
 
   def step(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: _contract.LossFn | None = None,
+    batch: Any = None,
+    key: jax.Array | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.Updates, optax.OptState]:
     params, loss_fn, batch = _contract.check_update_call(
-        updates, params, loss_fn, batch, name)
+      updates, params, loss_fn, batch, name
+    )
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     direction, state = ascent.direction(
-        updates, state, params, loss_fn=loss_fn, batch=batch, key=key,
-        **extra_args,
+      updates,
+      state,
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      key=key,
+      **extra_args,
     )
     scale = scale_fn(params) if scale_fn is not None else None
     epsilon = _perturbation.perturbation(
-        direction, rho, normalize=normalize, scale=scale, mask=mask
+      direction, rho, normalize=normalize, scale=scale, mask=mask
     )
     return (
-        direction,
-        _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),
-        state,
+      direction,
+      _perturbation.perturbed_gradient(loss_fn, params, epsilon, batch),
+      state,
     )
 
   return step
 
 
 def sharpness_aware(
-    ascent: AscentDirection,
-    rho: ArrayLike,
-    *,
-    normalize: bool = True,
-    scale_fn: Callable[[optax.Params], Any] | None = None,
-    perturb_mask: _perturbation.PerturbMask = None,
-    name: str = "sharpness_aware",
+  ascent: AscentDirection,
+  rho: ArrayLike,
+  *,
+  normalize: bool = True,
+  scale_fn: Callable[[optax.Params], Any] | None = None,
+  perturb_mask: _perturbation.PerturbMask = None,
+  name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The SAM step around any ascent direction.
 
@@ -190,8 +194,14 @@ def sharpness_aware(
     ``∇L_B(w+ε)``. Its state is the ascent direction's state.
   """
   return combined_sharpness_aware(
-      ascent, rho, _perturbed_gradient, normalize=normalize,
-      scale_fn=scale_fn, perturb_mask=perturb_mask, name=name)
+    ascent,
+    rho,
+    _perturbed_gradient,
+    normalize=normalize,
+    scale_fn=scale_fn,
+    perturb_mask=perturb_mask,
+    name=name,
+  )
 
 
 Combine = Callable[[optax.Updates, optax.Updates], optax.Updates]
@@ -201,25 +211,27 @@ Combine = Callable[[optax.Updates, optax.Updates], optax.Updates]
 def _at_least_float32(tree: Any) -> Any:
   """``tree`` with its half-precision leaves in float32 (the rest as given)."""
   return jax.tree.map(
-      lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+    lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree
+  )
 
 
-def _perturbed_gradient(direction: optax.Updates, gradient: optax.Updates
-                        ) -> optax.Updates:
+def _perturbed_gradient(
+  direction: optax.Updates, gradient: optax.Updates
+) -> optax.Updates:
   """SAM's :data:`Combine`: ``g_adv`` itself."""
   del direction
   return gradient
 
 
 def combined_sharpness_aware(
-    ascent: AscentDirection,
-    rho: ArrayLike,
-    combine: Combine,
-    *,
-    normalize: bool = True,
-    scale_fn: Callable[[optax.Params], Any] | None = None,
-    perturb_mask: _perturbation.PerturbMask = None,
-    name: str = "sharpness_aware",
+  ascent: AscentDirection,
+  rho: ArrayLike,
+  combine: Combine,
+  *,
+  normalize: bool = True,
+  scale_fn: Callable[[optax.Params], Any] | None = None,
+  perturb_mask: _perturbation.PerturbMask = None,
+  name: str = "sharpness_aware",
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`sharpness_aware_step` handing on ``combine(d, ∇L_B(w + ε))``.
 
@@ -243,19 +255,25 @@ def combined_sharpness_aware(
     An ``optax.GradientTransformationExtraArgs`` whose state is the ascent
     direction's.
   """
-  step = sharpness_aware_step(ascent, rho, normalize=normalize,
-                              scale_fn=scale_fn, perturb_mask=perturb_mask,
-                              name=name)
+  step = sharpness_aware_step(
+    ascent,
+    rho,
+    normalize=normalize,
+    scale_fn=scale_fn,
+    perturb_mask=perturb_mask,
+    name=name,
+  )
 
   def update_fn(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      **kwargs: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **kwargs: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     direction, gradient, state = step(updates, state, params, **kwargs)
-    combined = combine(_at_least_float32(direction),
-                       _at_least_float32(gradient))
+    combined = combine(
+      _at_least_float32(direction), _at_least_float32(gradient)
+    )
     return optax.tree.cast_like(combined, gradient), state
 
   return optax.GradientTransformationExtraArgs(ascent.init, update_fn)
@@ -266,7 +284,7 @@ GradientFn = Callable[[_contract.LossFn, optax.Params, Any], optax.Updates]
 
 
 def from_gradient_fn(
-    gradient_fn: GradientFn, name: str
+  gradient_fn: GradientFn, name: str
 ) -> optax.GradientTransformationExtraArgs:
   """A stateless transform that returns ``gradient_fn(loss_fn, params, batch)``.
 
@@ -284,20 +302,22 @@ def from_gradient_fn(
   """
 
   def update_fn(
-      updates: optax.Updates | None,
-      state: optax.OptState,
-      params: optax.Params | None = None,
-      *,
-      loss_fn: _contract.LossFn | None = None,
-      batch: Any = None,
-      key: jax.Array | None = None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: _contract.LossFn | None = None,
+    batch: Any = None,
+    key: jax.Array | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del updates, key, extra_args  # gradient_fn takes its own gradients
     params, loss_fn, batch = _contract.check_update_call(
-        None, params, loss_fn, batch, name)
+      None, params, loss_fn, batch, name
+    )
     gradient = gradient_fn(loss_fn, params, batch)
     return optax.tree.cast_like(gradient, params), state
 
   return optax.GradientTransformationExtraArgs(
-      lambda params: optax.EmptyState(), update_fn)
+    lambda params: optax.EmptyState(), update_fn
+  )

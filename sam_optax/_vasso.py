@@ -24,7 +24,7 @@ class VarianceSuppressedAscentState(NamedTuple):
 
 
 def variance_suppressed_ascent(
-    theta: ArrayLike = 0.4,
+  theta: ArrayLike = 0.4,
 ) -> _transform.AscentDirection:
   """VaSSO's ascent direction: ``d_t = (1−θ) d_{t−1} + θ g_t``, ``d_0 = 0``.
 
@@ -39,30 +39,32 @@ def variance_suppressed_ascent(
     return VarianceSuppressedAscentState(optax.tree.zeros_like(params))
 
   def direction(
-      updates: optax.Updates | None,
-      state: VarianceSuppressedAscentState,
-      params: optax.Params,
-      *,
-      loss_fn: _contract.LossFn,
-      batch: Any,
-      key: jax.Array | None,
-      **extra_args: Any,
+    updates: optax.Updates | None,
+    state: VarianceSuppressedAscentState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, VarianceSuppressedAscentState]:
     del key, extra_args
     gradient = _transform.clean_gradient_or_compute(
-        updates, params, loss_fn, batch)
+      updates, params, loss_fn, batch
+    )
     ascent = optax.tree.update_moment(gradient, state.direction, decay, 1)
     return ascent, VarianceSuppressedAscentState(
-        optax.tree.cast_like(ascent, state.direction))
+      optax.tree.cast_like(ascent, state.direction)
+    )
 
   return _transform.AscentDirection(init=init, direction=direction)
 
 
 def vasso(
-    rho: ArrayLike = 0.05,
-    theta: ArrayLike = 0.4,
-    *,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  theta: ArrayLike = 0.4,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variance-suppressed sharpness-aware optimization (VaSSO).
 
@@ -109,6 +111,9 @@ def vasso(
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
   return _transform.sharpness_aware(
-      variance_suppressed_ascent(theta), rho, normalize=True,
-      perturb_mask=perturb_mask, name="vasso",
+    variance_suppressed_ascent(theta),
+    rho,
+    normalize=True,
+    perturb_mask=perturb_mask,
+    name="vasso",
   )

@@ -1,7 +1,7 @@
 """WSAM: the clean gradient plus a weighted sharpness term."""
 
-from jax.typing import ArrayLike
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
@@ -11,10 +11,10 @@ from sam_optax import _transform
 
 
 def wsam(
-    rho: ArrayLike = 0.05,
-    gamma: ArrayLike = 0.9,
-    *,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike = 0.05,
+  gamma: ArrayLike = 0.9,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM (WSAM): sharpness as a regularization term of weight γ.
 
@@ -65,12 +65,17 @@ def wsam(
   gamma = jnp.asarray(gamma, jnp.float32)  # float32 arithmetic, as injected
   weight = gamma / (1 - gamma)
 
-  def combine(gradient: optax.Updates, adversarial: optax.Updates
-              ) -> optax.Updates:
+  def combine(
+    gradient: optax.Updates, adversarial: optax.Updates
+  ) -> optax.Updates:
     return optax.tree.add_scale(
-        gradient, weight, optax.tree.sub(adversarial, gradient))
+      gradient, weight, optax.tree.sub(adversarial, gradient)
+    )
 
   return _transform.combined_sharpness_aware(
-      _sam.clean_gradient_ascent(), rho, combine, perturb_mask=perturb_mask,
-      name="wsam",
+    _sam.clean_gradient_ascent(),
+    rho,
+    combine,
+    perturb_mask=perturb_mask,
+    name="wsam",
   )

@@ -20,11 +20,11 @@ from sam_optax import _transform
 
 
 def m_sam(
-    rho: ArrayLike,
-    micro_batch_size: int,
-    *,
-    normalize: bool = True,
-    perturb_mask: _perturbation.PerturbMask = None,
+  rho: ArrayLike,
+  micro_batch_size: int,
+  *,
+  normalize: bool = True,
+  perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""m-SAM by its definition: a loop of :func:`sam_optax.sam` steps.
 
@@ -59,20 +59,23 @@ def m_sam(
   name = "reference.m_sam"
   _contract.check_rho(rho, name)
   micro_batch_size = _contract.check_integer(
-      micro_batch_size, "micro_batch_size", name)
+    micro_batch_size, "micro_batch_size", name
+  )
   sam_step = (_sam.sam if normalize else _sam.usam)(
-      rho, perturb_mask=perturb_mask)
+    rho, perturb_mask=perturb_mask
+  )
 
   def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
     count = _micro_batches.num_micro_batches(batch, micro_batch_size, name)
     gradients = []
     for j in range(count):
       micro_batch = jax.tree.map(
-          lambda x, j=j: x[j * micro_batch_size:(j + 1) * micro_batch_size],
-          batch,
+        lambda x, j=j: x[j * micro_batch_size : (j + 1) * micro_batch_size],
+        batch,
       )
-      gradient, _ = sam_step.update(None, optax.EmptyState(), params,
-                                    loss_fn=loss_fn, batch=micro_batch)
+      gradient, _ = sam_step.update(
+        None, optax.EmptyState(), params, loss_fn=loss_fn, batch=micro_batch
+      )
       gradients.append(optax.tree.cast(gradient, jnp.float32))
     return jax.tree.map(lambda *gs: sum(gs) / count, *gradients)
 

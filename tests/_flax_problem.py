@@ -19,7 +19,6 @@ CLASSES = 3
 STEPS = 40  # of the README's training loops
 
 
-
 def run_snippet(marker: str, **names) -> dict:
   """Executes the snippet after ``marker`` with ``names`` defined; its scope."""
   scope = dict(names)
@@ -35,8 +34,12 @@ def image_batches(count: int, seed: int = 0, size: int = BATCH) -> list[dict]:
   for _ in range(count):
     label = rng.integers(0, CLASSES, size)
     image = patterns[label] + 0.7 * rng.normal(size=(size, 8, 8, 1))
-    batches.append({"image": jnp.asarray(image, jnp.float32),
-                    "label": jnp.asarray(label, jnp.int32)})
+    batches.append(
+      {
+        "image": jnp.asarray(image, jnp.float32),
+        "label": jnp.asarray(label, jnp.int32),
+      }
+    )
   return batches
 
 

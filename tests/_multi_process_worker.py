@@ -18,12 +18,13 @@ import re
 import sys
 import traceback
 
-import numpy as np
-
 import jax
 import jax.flatten_util
+import numpy as np
 
-from _problems import mlp_batch, mlp_loss, mlp_params
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -36,8 +37,9 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 def readme_snippet() -> str:
   """The fenced python block right after ``MARKER`` in README.md."""
   text = (_ROOT / "README.md").read_text()
-  match = re.search(re.escape(MARKER) + r"\s*```python\n(.*?)```", text,
-                    re.DOTALL)
+  match = re.search(
+    re.escape(MARKER) + r"\s*```python\n(.*?)```", text, re.DOTALL
+  )
   if match is None:
     raise ValueError(f"README.md has no ```python block right after {MARKER}")
   return match.group(1)
@@ -46,8 +48,9 @@ def readme_snippet() -> str:
 def problem():
   """The initial params and the ``STEPS`` global batches, in every process."""
   params = mlp_params(jax.random.key(0))
-  batches = [mlp_batch(jax.random.key(10 + t), size=BATCH)
-             for t in range(STEPS)]
+  batches = [
+    mlp_batch(jax.random.key(10 + t), size=BATCH) for t in range(STEPS)
+  ]
   return params, batches
 
 
@@ -58,14 +61,18 @@ def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
   # interface; gloo's own sockets take the address of the host's name); a
   # missing peer ends the wait after a minute, not five.
   jax.distributed.initialize(
-      coordinator_address=address, num_processes=PROCESSES,
-      process_id=process_id, coordinator_bind_address=address,
-      initialization_timeout=60)
+    coordinator_address=address,
+    num_processes=PROCESSES,
+    process_id=process_id,
+    coordinator_bind_address=address,
+    initialization_timeout=60,
+  )
   if jax.local_device_count() != LOCAL_DEVICES:
     raise RuntimeError(
-        f"{jax.local_device_count()} local devices, expected {LOCAL_DEVICES}:"
-        " run with XLA_FLAGS=--xla_force_host_platform_device_count="
-        f"{LOCAL_DEVICES}.")
+      f"{jax.local_device_count()} local devices, expected {LOCAL_DEVICES}:"
+      " run with XLA_FLAGS=--xla_force_host_platform_device_count="
+      f"{LOCAL_DEVICES}."
+    )
   params, batches = problem()
   size = BATCH // PROCESSES
   namespace = {}
@@ -75,19 +82,23 @@ def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
     for t, batch in enumerate(batches):
       # This process's contiguous slice of the global batch, as host data.
       yield jax.tree.map(
-          lambda x: np.asarray(x)[process_id * size:(process_id + 1) * size],
-          batch)
+        lambda x: np.asarray(x)[process_id * size : (process_id + 1) * size],
+        batch,
+      )
       # Resumed when the snippet's loop asks for the next batch: step t is
       # done. Its params are replicated, so every process can read them.
       saved[f"params_{t}"] = np.asarray(
-          jax.flatten_util.ravel_pytree(namespace["params"])[0])
+        jax.flatten_util.ravel_pytree(namespace["params"])[0]
+      )
       shards = namespace["batch"]["x"].addressable_shards
       saved[f"rows_{t}"] = np.asarray(
-          [(s.index[0].start, s.index[0].stop) for s in shards])
+        [(s.index[0].start, s.index[0].stop) for s in shards]
+      )
       saved[f"x_{t}"] = np.stack([np.asarray(s.data) for s in shards])
 
-  namespace.update(loss_fn=mlp_loss, params=params,
-                   local_batches=local_batches())
+  namespace.update(
+    loss_fn=mlp_loss, params=params, local_batches=local_batches()
+  )
   exec(readme_snippet(), namespace)  # pylint: disable=exec-used
   np.savez(out_dir / f"process_{process_id}.npz", **saved)
   jax.distributed.shutdown()

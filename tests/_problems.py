@@ -16,32 +16,34 @@ def mlp_params(key, in_dim=5, hidden=7, out_dim=3, dtype=jnp.float32):
   """A nested dict of four leaves, named like Flax's (``kernel``, ``bias``)."""
   k1, k2, k3, k4 = jax.random.split(key, 4)
   return {
-      "hidden": {
-          "kernel": jax.random.normal(k1, (in_dim, hidden), dtype) * 0.5,
-          "bias": jax.random.normal(k2, (hidden,), dtype) * 0.1,
-      },
-      "out": {
-          "kernel": jax.random.normal(k3, (hidden, out_dim), dtype) * 0.5,
-          "bias": jax.random.normal(k4, (out_dim,), dtype) * 0.1,
-      },
+    "hidden": {
+      "kernel": jax.random.normal(k1, (in_dim, hidden), dtype) * 0.5,
+      "bias": jax.random.normal(k2, (hidden,), dtype) * 0.1,
+    },
+    "out": {
+      "kernel": jax.random.normal(k3, (hidden, out_dim), dtype) * 0.5,
+      "bias": jax.random.normal(k4, (out_dim,), dtype) * 0.1,
+    },
   }
 
 
 def mlp_batch(key, size=8, in_dim=5, out_dim=3):
   kx, ky = jax.random.split(key)
   return {
-      "x": jax.random.normal(kx, (size, in_dim)),
-      "y": jax.random.randint(ky, (size,), 0, out_dim),
+    "x": jax.random.normal(kx, (size, in_dim)),
+    "y": jax.random.randint(ky, (size,), 0, out_dim),
   }
 
 
 def mlp_loss(params, batch):
   """Per-example softmax cross-entropy, shape [B]."""
-  hidden = jnp.tanh(batch["x"] @ params["hidden"]["kernel"]
-                    + params["hidden"]["bias"])
+  hidden = jnp.tanh(
+    batch["x"] @ params["hidden"]["kernel"] + params["hidden"]["bias"]
+  )
   logits = hidden @ params["out"]["kernel"] + params["out"]["bias"]
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["y"])
+    logits.astype(jnp.float32), batch["y"]
+  )
 
 
 def mean_loss(loss_fn, params, batch):
@@ -50,8 +52,9 @@ def mean_loss(loss_fn, params, batch):
 
 def global_norm(tree):
   """``‖tree‖``, written out: the oracle the library's norms are tested against."""
-  return jnp.sqrt(sum(jnp.sum(x.astype(jnp.float32) ** 2)
-                      for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(
+    sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(tree))
+  )
 
 
 def add(tree, other, scale=1.0):
@@ -69,8 +72,10 @@ def quadratic_problem(seed, dims=(3, 2), size=6):
   dim = sum(dims)
   root = rng.normal(size=(dim, dim))
   hessian = root @ root.T / dim + 0.1 * np.eye(dim)
-  params = {"a": jnp.asarray(rng.normal(size=dims[0]), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=dims[1]), jnp.float32)}
+  params = {
+    "a": jnp.asarray(rng.normal(size=dims[0]), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=dims[1]), jnp.float32),
+  }
   batch = {"target": jnp.asarray(rng.normal(size=(size, dim)), jnp.float32)}
   h = jnp.asarray(hessian, jnp.float32)
 

@@ -16,17 +16,19 @@ import re
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.flatten_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 import optax
+import pytest
 
 import sam_optax
-from _problems import mlp_batch, mlp_loss, mlp_params
+
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 RHO = 0.1
 BATCH = 16  # 2 examples per device on 8 devices
@@ -35,20 +37,21 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _problem(seed=0):
-  return (mlp_params(jax.random.key(seed)),
-          mlp_batch(jax.random.key(seed + 1), size=BATCH))
+  return (
+    mlp_params(jax.random.key(seed)),
+    mlp_batch(jax.random.key(seed + 1), size=BATCH),
+  )
 
 
 def _m_sam(micro_batch_size, **kwargs):
   # The vmap form compiles fastest here; test_m_sam pins every form of m_sam
   # to the sequential reference.
-  return sam_optax.m_sam(RHO, micro_batch_size, implementation="vmap",
-                         **kwargs)
+  return sam_optax.m_sam(RHO, micro_batch_size, implementation="vmap", **kwargs)
 
 
 def _on_one_device(tx, params, batch):
   return jax.jit(
-      lambda p, b: tx.update(None, tx.init(p), p, loss_fn=mlp_loss, batch=b)[0]
+    lambda p, b: tx.update(None, tx.init(p), p, loss_fn=mlp_loss, batch=b)[0]
   )(params, batch)
 
 
@@ -61,11 +64,17 @@ def _data_parallel(tx, params, batch, mesh_shape, axis_names, check_vma=True):
   batch = jax.device_put(batch, NamedSharding(mesh, P(axis_names)))
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(axis_names)),
-                     out_specs=P(), check_vma=check_vma)
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(axis_names)),
+    out_specs=P(),
+    check_vma=check_vma,
+  )
   def step(params, batch):
-    return tx.update(None, tx.init(params), params, loss_fn=mlp_loss,
-                     batch=batch)[0]
+    return tx.update(
+      None, tx.init(params), params, loss_fn=mlp_loss, batch=batch
+    )[0]
 
   return step(params, batch), _all_reduces(step, params, batch)
 
@@ -90,28 +99,36 @@ def _all_reduces(step, params, batch):
 def check_local_is_m_sam():
   params, batch = _problem(0)
   actual, all_reduces = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data"), params, batch, (8,),
-      ("data",))
-  expected = _on_one_device(_m_sam(BATCH // DEVICES), params,
-                            batch)
+    sam_optax.data_parallel_m_sam(RHO, "data"), params, batch, (8,), ("data",)
+  )
+  expected = _on_one_device(_m_sam(BATCH // DEVICES), params, batch)
   return actual, expected, {"all_reduces": all_reduces}
 
 
 def check_local_usam_is_m_usam():
   params, batch = _problem(1)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data", normalize=False), params,
-      batch, (8,), ("data",))
+    sam_optax.data_parallel_m_sam(RHO, "data", normalize=False),
+    params,
+    batch,
+    (8,),
+    ("data",),
+  )
   expected = _on_one_device(
-      _m_sam(BATCH // DEVICES, normalize=False), params, batch)
+    _m_sam(BATCH // DEVICES, normalize=False), params, batch
+  )
   return actual, expected, {}
 
 
 def check_local_micro_batches_are_m_sam():
   params, batch = _problem(2)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data", micro_batch_size=1), params,
-      batch, (8,), ("data",))
+    sam_optax.data_parallel_m_sam(RHO, "data", micro_batch_size=1),
+    params,
+    batch,
+    (8,),
+    ("data",),
+  )
   expected = _on_one_device(_m_sam(1), params, batch)
   return actual, expected, {}
 
@@ -119,10 +136,14 @@ def check_local_micro_batches_are_m_sam():
 def check_local_without_check_vma():
   params, batch = _problem(3)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data"), params, batch, (8,),
-      ("data",), check_vma=False)
-  expected = _on_one_device(_m_sam(BATCH // DEVICES), params,
-                            batch)
+    sam_optax.data_parallel_m_sam(RHO, "data"),
+    params,
+    batch,
+    (8,),
+    ("data",),
+    check_vma=False,
+  )
+  expected = _on_one_device(_m_sam(BATCH // DEVICES), params, batch)
   return actual, expected, {}
 
 
@@ -133,29 +154,44 @@ def _kernels_only(params):
 def check_local_perturb_mask_is_m_sam_with_mask():
   params, batch = _problem(5)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data", perturb_mask=_kernels_only),
-      params, batch, (8,), ("data",))
+    sam_optax.data_parallel_m_sam(RHO, "data", perturb_mask=_kernels_only),
+    params,
+    batch,
+    (8,),
+    ("data",),
+  )
   expected = _on_one_device(
-      _m_sam(BATCH // DEVICES, perturb_mask=_kernels_only), params, batch)
+    _m_sam(BATCH // DEVICES, perturb_mask=_kernels_only), params, batch
+  )
   return actual, expected, {}
 
 
 def check_synchronized_perturb_mask_is_sam_with_mask():
   params, batch = _problem(6)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=True,
-                                    perturb_mask=_kernels_only(params)),
-      params, batch, (8,), ("data",))
+    sam_optax.data_parallel_m_sam(
+      RHO, "data", sync_perturbation=True, perturb_mask=_kernels_only(params)
+    ),
+    params,
+    batch,
+    (8,),
+    ("data",),
+  )
   expected = _on_one_device(
-      sam_optax.sam(RHO, perturb_mask=_kernels_only(params)), params, batch)
+    sam_optax.sam(RHO, perturb_mask=_kernels_only(params)), params, batch
+  )
   return actual, expected, {}
 
 
 def check_synchronized_is_sam():
   params, batch = _problem(4)
   actual, all_reduces = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=True),
-      params, batch, (8,), ("data",))
+    sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=True),
+    params,
+    batch,
+    (8,),
+    ("data",),
+  )
   expected = _on_one_device(sam_optax.sam(RHO), params, batch)
   return actual, expected, {"all_reduces": all_reduces}
 
@@ -165,9 +201,14 @@ def check_groups_of_2_are_m_sam_4():
   # [4g, 4g+4), and syncing over "member" perturbs with their gradient.
   params, batch = _problem(5)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, ("group", "member"),
-                                    sync_perturbation="member"),
-      params, batch, (4, 2), ("group", "member"))
+    sam_optax.data_parallel_m_sam(
+      RHO, ("group", "member"), sync_perturbation="member"
+    ),
+    params,
+    batch,
+    (4, 2),
+    ("group", "member"),
+  )
   expected = _on_one_device(_m_sam(4), params, batch)
   return actual, expected, {}
 
@@ -175,9 +216,14 @@ def check_groups_of_2_are_m_sam_4():
 def check_groups_of_4_are_m_sam_8():
   params, batch = _problem(6)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, ("group", "member"),
-                                    sync_perturbation="member"),
-      params, batch, (2, 4), ("group", "member"))
+    sam_optax.data_parallel_m_sam(
+      RHO, ("group", "member"), sync_perturbation="member"
+    ),
+    params,
+    batch,
+    (2, 4),
+    ("group", "member"),
+  )
   expected = _on_one_device(_m_sam(8), params, batch)
   return actual, expected, {}
 
@@ -191,15 +237,23 @@ def check_2d_mesh_needs_every_batch_axis():
   """
   params, batch = _problem(11)
   actual, _ = _data_parallel(
-      sam_optax.data_parallel_m_sam(RHO, ("x", "y")), params, batch, (4, 2),
-      ("x", "y"))
+    sam_optax.data_parallel_m_sam(RHO, ("x", "y")),
+    params,
+    batch,
+    (4, 2),
+    ("x", "y"),
+  )
   expected = _on_one_device(_m_sam(BATCH // DEVICES), params, batch)
   errors = {}
   for sync in (False, True):
     try:
       _data_parallel(
-          sam_optax.data_parallel_m_sam(RHO, "x", sync_perturbation=sync),
-          params, batch, (4, 2), ("x", "y"))
+        sam_optax.data_parallel_m_sam(RHO, "x", sync_perturbation=sync),
+        params,
+        batch,
+        (4, 2),
+        ("x", "y"),
+      )
       errors[str(sync)] = None
     except ValueError as error:
       errors[str(sync)] = str(error)
@@ -216,24 +270,31 @@ def check_train_steps_with_momentum():
   single = optax.chain(_m_sam(BATCH // DEVICES), base)
 
   @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), P(), P("data")), out_specs=(P(), P()))
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(P(), P(), P("data")),
+    out_specs=(P(), P()),
+  )
   def parallel_step(params, opt_state, batch):
-    updates, opt_state = parallel.update(None, opt_state, params,
-                                         loss_fn=mlp_loss, batch=batch)
+    updates, opt_state = parallel.update(
+      None, opt_state, params, loss_fn=mlp_loss, batch=batch
+    )
     return optax.apply_updates(params, updates), opt_state
 
   @jax.jit
   def single_step(params, opt_state, batch):
-    updates, opt_state = single.update(None, opt_state, params,
-                                       loss_fn=mlp_loss, batch=batch)
+    updates, opt_state = single.update(
+      None, opt_state, params, loss_fn=mlp_loss, batch=batch
+    )
     return optax.apply_updates(params, updates), opt_state
 
   p_par, s_par = params, parallel.init(params)
   p_one, s_one = params, single.init(params)
   for batch in batches:
     p_par, s_par = parallel_step(
-        p_par, s_par, jax.device_put(batch, NamedSharding(mesh, P("data"))))
+      p_par, s_par, jax.device_put(batch, NamedSharding(mesh, P("data")))
+    )
     p_one, s_one = single_step(p_one, s_one, batch)
   return p_par, p_one, {}
 
@@ -245,19 +306,25 @@ def check_jit_sharded_vmap_is_local():
   sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
   tx = sam_optax.m_sam(RHO, BATCH // DEVICES)
   step = jax.jit(
-      lambda p, b: tx.update(None, tx.init(p), p, loss_fn=mlp_loss, batch=b)[0])
+    lambda p, b: tx.update(None, tx.init(p), p, loss_fn=mlp_loss, batch=b)[0]
+  )
   with jax.set_mesh(mesh):
     actual = step(params, sharded)
     hlo = step.lower(params, sharded).compile().as_text()
-  expected = _on_one_device(sam_optax.reference.m_sam(RHO, BATCH // DEVICES),
-                            params, batch)
+  expected = _on_one_device(
+    sam_optax.reference.m_sam(RHO, BATCH // DEVICES), params, batch
+  )
   count = lambda op: hlo.count(f" {op}(") + hlo.count(f" {op}-start(")
-  return actual, expected, {"all_reduces": count("all-reduce"),
-                            "all_gathers": count("all-gather")}
+  return (
+    actual,
+    expected,
+    {"all_reduces": count("all-reduce"), "all_gathers": count("all-gather")},
+  )
 
 
-CHECKS = {name: fn for name, fn in dict(globals()).items()
-          if name.startswith("check_")}
+CHECKS = {
+  name: fn for name, fn in dict(globals()).items() if name.startswith("check_")
+}
 
 
 def _flat(tree):
@@ -268,8 +335,11 @@ def _run_checks():
   results = {}
   for name, fn in CHECKS.items():
     actual, expected, extra = fn()
-    results[name] = {"actual": _flat(actual), "expected": _flat(expected),
-                     **extra}
+    results[name] = {
+      "actual": _flat(actual),
+      "expected": _flat(expected),
+      **extra,
+    }
   print("RESULTS " + json.dumps(results))
 
 
@@ -279,17 +349,28 @@ def _run_checks():
 @pytest.fixture(scope="module")
 def eight_device_results():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={DEVICES}")
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={DEVICES}"
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")])
+    [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")]
+  )
   done = subprocess.run(
-      [sys.executable, __file__], env=env, cwd=_ROOT, capture_output=True,
-      text=True, timeout=300, check=False)
+    [sys.executable, __file__],
+    env=env,
+    cwd=_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert done.returncode == 0, done.stderr[-5000:]
-  line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
-  return json.loads(line[len("RESULTS "):])
+  line = next(
+    row for row in done.stdout.splitlines() if row.startswith("RESULTS ")
+  )
+  return json.loads(line[len("RESULTS ") :])
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
@@ -318,7 +399,8 @@ def test_jit_sharded_m_sam_communicates_once(eight_device_results):
 
 def test_axis_name_must_name_every_batch_axis(eight_device_results):
   errors = eight_device_results["check_2d_mesh_needs_every_batch_axis"][
-      "errors"]
+    "errors"
+  ]
   for sync, message in errors.items():
     assert message is not None, f"sync_perturbation={sync} did not raise"
     assert "mesh axes ('y',)" in message
@@ -337,24 +419,31 @@ def test_one_device_mesh_is_sam():
   params, batch = _problem(9)
   for sync in (False, True):
     actual, _ = _data_parallel(
-        sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=sync),
-        params, batch, (1,), ("data",))
+      sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=sync),
+      params,
+      batch,
+      (1,),
+      ("data",),
+    )
     expected = _on_one_device(sam_optax.sam(RHO), params, batch)
-    np.testing.assert_allclose(_flat(actual), _flat(expected), rtol=2e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(
+      _flat(actual), _flat(expected), rtol=2e-5, atol=2e-6
+    )
 
 
 def test_errors():
   with pytest.raises(ValueError, match="not among"):
     sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation="model")
   with pytest.raises(ValueError, match="cannot be combined"):
-    sam_optax.data_parallel_m_sam(RHO, "data", sync_perturbation=True,
-                                  micro_batch_size=2)
+    sam_optax.data_parallel_m_sam(
+      RHO, "data", sync_perturbation=True, micro_batch_size=2
+    )
   params, batch = _problem(10)
   tx = sam_optax.data_parallel_m_sam(RHO, "data")
   with pytest.raises(NameError, match="shard_map"):
-    jax.jit(lambda p: tx.update(None, tx.init(p), p, loss_fn=mlp_loss,
-                                batch=batch))(params)
+    jax.jit(
+      lambda p: tx.update(None, tx.init(p), p, loss_fn=mlp_loss, batch=batch)
+    )(params)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,24 @@ from experiments import data
 
 
 @hypothesis.given(
-    size=st.integers(1, 500), rate=st.floats(0.0, 1.0),
-    num_classes=st.integers(2, 12), seed=st.integers(0, 2**31 - 1))
+  size=st.integers(1, 500),
+  rate=st.floats(0.0, 1.0),
+  num_classes=st.integers(2, 12),
+  seed=st.integers(0, 2**31 - 1),
+)
 def test_label_noise_corrupts_exactly_the_requested_fraction(
-    size, rate, num_classes, seed):
+  size, rate, num_classes, seed
+):
   labels = np.random.default_rng(seed).integers(0, num_classes, size)
   original = labels.copy()
   noisy = data.symmetric_label_noise(labels, rate, num_classes, seed)
-  assert np.sum(noisy != labels) == int(round(rate * size))
+  assert np.sum(noisy != labels) == round(rate * size)
   assert noisy.dtype == np.int32 and noisy.min() >= 0
   assert noisy.max() < num_classes
   np.testing.assert_array_equal(labels, original)  # input untouched
   np.testing.assert_array_equal(
-      noisy, data.symmetric_label_noise(labels, rate, num_classes, seed))
+    noisy, data.symmetric_label_noise(labels, rate, num_classes, seed)
+  )
 
 
 def test_label_noise_is_uniform_over_the_other_classes():
@@ -54,7 +59,8 @@ def test_label_noise_marks_exactly_the_labels_it_replaced():
   assert dataset.corrupted is None
   noisy = data.with_label_noise(dataset, 0.3, 10, seed=4)
   np.testing.assert_array_equal(
-      noisy.labels, data.symmetric_label_noise(labels, 0.3, 10, seed=4))
+    noisy.labels, data.symmetric_label_noise(labels, 0.3, 10, seed=4)
+  )
   np.testing.assert_array_equal(noisy.corrupted, noisy.labels != labels)
   assert noisy.corrupted.dtype == bool and noisy.corrupted.sum() == 300
   # take() keeps inputs, labels and the mask together.
@@ -62,21 +68,26 @@ def test_label_noise_marks_exactly_the_labels_it_replaced():
   assert head.size == 10 and head.corrupted.shape == (10,)
   picked = noisy.take(noisy.corrupted)
   assert picked.size == 300 and picked.corrupted.all()
-  np.testing.assert_array_equal(picked.inputs, np.flatnonzero(
-      noisy.corrupted))
+  np.testing.assert_array_equal(picked.inputs, np.flatnonzero(noisy.corrupted))
   assert dataset.take(slice(5)).corrupted is None
 
 
-@hypothesis.given(size=st.integers(8, 300), batch_size=st.integers(1, 8),
-                  seed=st.integers(0, 1000), epoch=st.integers(0, 50))
-def test_epoch_batches_are_disjoint_and_deterministic(size, batch_size, seed,
-                                                      epoch):
+@hypothesis.given(
+  size=st.integers(8, 300),
+  batch_size=st.integers(1, 8),
+  seed=st.integers(0, 1000),
+  epoch=st.integers(0, 50),
+)
+def test_epoch_batches_are_disjoint_and_deterministic(
+  size, batch_size, seed, epoch
+):
   batches = data.epoch_batches(size, batch_size, seed, epoch)
   assert batches.shape == (size // batch_size, batch_size)
   assert len(np.unique(batches)) == batches.size  # no example twice
   assert batches.min() >= 0 and batches.max() < size
   np.testing.assert_array_equal(
-      batches, data.epoch_batches(size, batch_size, seed, epoch))
+    batches, data.epoch_batches(size, batch_size, seed, epoch)
+  )
 
 
 def test_epochs_and_seeds_shuffle_differently():
@@ -121,25 +132,28 @@ def test_cifar_loads_through_tfds_mock_without_tensorflow():
 
 def test_crop_and_flip_returns_a_shifted_window_of_the_padded_image():
   images = jax.random.uniform(jax.random.key(0), (16, 6, 6, 2))
-  out = np.asarray(cifar.random_crop_and_flip(images, jax.random.key(1),
-                                              padding=2))
+  out = np.asarray(
+    cifar.random_crop_and_flip(images, jax.random.key(1), padding=2)
+  )
   padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
   flips = 0
   for image, result in zip(padded, out):
-    windows = [image[i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+    windows = [image[i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
     plain = any(np.array_equal(w, result) for w in windows)
     flipped = any(np.array_equal(w[:, ::-1], result) for w in windows)
     assert plain or flipped
     flips += flipped and not plain
   assert 0 < flips < 16  # both outcomes occur
   np.testing.assert_array_equal(
-      out, cifar.random_crop_and_flip(images, jax.random.key(1), padding=2))
+    out, cifar.random_crop_and_flip(images, jax.random.key(1), padding=2)
+  )
 
 
 def test_preprocess_normalizes_per_channel():
   mean = np.asarray(cifar.CHANNEL_MEAN["cifar10"])
-  images = jnp.broadcast_to(jnp.asarray(np.round(mean * 255), jnp.uint8),
-                            (2, 4, 4, 3))
+  images = jnp.broadcast_to(
+    jnp.asarray(np.round(mean * 255), jnp.uint8), (2, 4, 4, 3)
+  )
   out = cifar.preprocess(images, "cifar10")
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, 0.0, atol=0.01)

@@ -1,6 +1,7 @@
 """Every optimizer trains every model family; BatchNorm and the NNX glue."""
 
 import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -8,26 +9,31 @@ import numpy as np
 import optax
 import pytest
 
-import sam_optax
 from experiments import config as config_lib
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
 from experiments import steps
+import sam_optax
 
 BATCH = 8
 
 # Tiny members of each family: the same code paths, seconds to compile.
 FAMILIES = {
-    "mlp": (lambda rngs: models.MLP(rngs=rngs), (BATCH, 40)),
-    "cnn1d": (lambda rngs: models.CNN1D(rngs=rngs), (BATCH, 40)),
-    "resnet": (lambda rngs: models.resnet18(rngs=rngs, width=4,
-                                            stage_sizes=(1, 1)),
-               (BATCH, 8, 8, 3)),
-    "resnet_bottleneck": (lambda rngs: models.resnet50(
-        rngs=rngs, width=2, stage_sizes=(1, 1)), (BATCH, 8, 8, 3)),
-    "wide_resnet": (lambda rngs: models.wide_resnet28_10(
-        rngs=rngs, depth=10, widen=1), (BATCH, 8, 8, 3)),
+  "mlp": (lambda rngs: models.MLP(rngs=rngs), (BATCH, 40)),
+  "cnn1d": (lambda rngs: models.CNN1D(rngs=rngs), (BATCH, 40)),
+  "resnet": (
+    lambda rngs: models.resnet18(rngs=rngs, width=4, stage_sizes=(1, 1)),
+    (BATCH, 8, 8, 3),
+  ),
+  "resnet_bottleneck": (
+    lambda rngs: models.resnet50(rngs=rngs, width=2, stage_sizes=(1, 1)),
+    (BATCH, 8, 8, 3),
+  ),
+  "wide_resnet": (
+    lambda rngs: models.wide_resnet28_10(rngs=rngs, depth=10, widen=1),
+    (BATCH, 8, 8, 3),
+  ),
 }
 BATCH_NORM_FAMILIES = ("resnet", "resnet_bottleneck", "wide_resnet")
 # By default: every optimizer on the 1-D CNN, SAM on every family, and the
@@ -36,8 +42,11 @@ BATCH_NORM_FAMILIES = ("resnet", "resnet_bottleneck", "wide_resnet")
 BATCH_NORM_OPTIMIZERS = ("sam", "m_sam", "rw_sam")
 # Pinned to their formulas in tests/test_new_variants.py; here, with -m slow.
 SLOW_ON_EVERY_FAMILY = ("gsam", "wsam", "vasso", "look_sam", "momentum_sam")
-OPTIONS = {"m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
-           "rw_sam": {"lam": 0.5}, "rw_asam": {"lam": 0.5}}
+OPTIONS = {
+  "m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
+  "rw_sam": {"lam": 0.5},
+  "rw_asam": {"lam": 0.5},
+}
 
 
 def _batch(shape, seed=0):
@@ -46,14 +55,17 @@ def _batch(shape, seed=0):
   return {"inputs": inputs, "labels": labels}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(family, optimizer):
   """The split model and jitted step, built once per (family, optimizer)."""
   build, shape = FAMILIES[family]
   split = nnx_glue.split(build(nnx.Rngs(0)))
   config = config_lib.OptimizerConfig(
-      name=optimizer, learning_rate=0.05, rho=0.05,
-      options=OPTIONS.get(optimizer, {}))
+    name=optimizer,
+    learning_rate=0.05,
+    rho=0.05,
+    options=OPTIONS.get(optimizer, {}),
+  )
   tx = optimizers.make_optimizer(config, 10)
   step = steps.make_train_step(split.graphdef, tx, lambda x, key: x)
   return split, tx, step, shape
@@ -63,26 +75,30 @@ def _setup(family, optimizer):
   split, tx, step, shape = _compiled(family, optimizer)
   # Fresh buffers each time: the step donates its input state.
   params, state = jax.tree.map(jnp.copy, (split.params, split.state))
-  train_state = steps.TrainState(jnp.zeros([], jnp.int32), params, state,
-                                 tx.init(params))
+  train_state = steps.TrainState(
+    jnp.zeros([], jnp.int32), params, state, tx.init(params)
+  )
   return split, step, train_state, shape
 
 
 def _leaves_equal(a, b):
-  return all(np.array_equal(x, y) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def _cross_product():
   for family in FAMILIES:
     for optimizer in optimizers.VARIANTS:
       default = (
-          (family == "cnn1d" and optimizer not in SLOW_ON_EVERY_FAMILY)
-          or optimizer == "sam"
-          or (family == "resnet" and optimizer in BATCH_NORM_OPTIMIZERS))
+        (family == "cnn1d" and optimizer not in SLOW_ON_EVERY_FAMILY)
+        or optimizer == "sam"
+        or (family == "resnet" and optimizer in BATCH_NORM_OPTIMIZERS)
+      )
       marks = () if default else (pytest.mark.slow,)
-      yield pytest.param(optimizer, family, marks=marks,
-                         id=f"{optimizer}-{family}")
+      yield pytest.param(
+        optimizer, family, marks=marks, id=f"{optimizer}-{family}"
+      )
 
 
 @pytest.mark.parametrize("optimizer,family", list(_cross_product()))
@@ -130,8 +146,9 @@ def test_perturbed_passes_leave_batch_norm_running_stats_alone(optimizer):
   for a, b in zip(want, have):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
   # And not the initial statistics: the clean pass did update them.
-  initial = jax.tree.leaves(nnx_glue.split(
-      FAMILIES["resnet"][0](nnx.Rngs(0))).state)
+  initial = jax.tree.leaves(
+    nnx_glue.split(FAMILIES["resnet"][0](nnx.Rngs(0))).state
+  )
   assert not _leaves_equal(want, initial)
 
 
@@ -144,10 +161,12 @@ def test_passes_loss_fn_uses_batch_statistics_and_discards_their_update():
 
   def per_example(model, batch):
     return optax.softmax_cross_entropy_with_integer_labels(
-        model(batch["inputs"]), batch["labels"])
+      model(batch["inputs"]), batch["labels"]
+    )
 
-  passes_loss_fn = steps.passes_loss_fn(split.graphdef, split.params,
-                                        split.state)
+  passes_loss_fn = steps.passes_loss_fn(
+    split.graphdef, split.params, split.state
+  )
   # BatchNorm in training mode couples the examples (exact per-example
   # norms then take Jacobian rows).
   assert passes_loss_fn.couples_examples
@@ -159,10 +178,10 @@ def test_passes_loss_fn_uses_batch_statistics_and_discards_their_update():
   np.testing.assert_allclose(losses, per_example(model, batch), rtol=1e-5)
   # The clean pass returns the gradient of the mean and the moved statistics.
   clean_losses, grads, new_state, _ = nnx_glue.loss_grad_and_state(
-      split.graphdef, split.state, per_example, split.params, batch)
+    split.graphdef, split.state, per_example, split.params, batch
+  )
   np.testing.assert_allclose(clean_losses, losses, rtol=1e-6)
-  expected_grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(
-      split.params)
+  expected_grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(split.params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert not _leaves_equal(before, new_state)
@@ -196,11 +215,15 @@ def test_model_sizes_match_the_papers_architectures():
   counts = {}
   for name in ("resnet18", "resnet50", "wrn28_10"):
     model = nnx.eval_shape(lambda n=name: models.create_model(n, 10))
-    counts[name] = sum(x.size for x in jax.tree.leaves(
-        nnx.state(model, nnx.Param)))
+    counts[name] = sum(
+      x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+    )
   # The CIFAR variants' usual sizes: 11.17M, 23.52M, 36.48M parameters.
-  assert counts == {"resnet18": 11_173_962, "resnet50": 23_520_842,
-                    "wrn28_10": 36_479_194}
+  assert counts == {
+    "resnet18": 11_173_962,
+    "resnet50": 23_520_842,
+    "wrn28_10": 36_479_194,
+  }
   small = models.SmallCNN(rngs=nnx.Rngs(0))
   assert small(jnp.ones((2, 32, 32, 3))).shape == (2, 10)
   with pytest.raises(ValueError, match="unknown model"):
@@ -214,10 +237,12 @@ def test_model_sizes_match_the_papers_architectures():
 def test_full_size_models_take_a_sam_step(name):
   split = nnx_glue.split(models.create_model(name, 10))
   tx = optimizers.make_optimizer(
-      config_lib.OptimizerConfig(name="sam", rho=0.05), 10)
+    config_lib.OptimizerConfig(name="sam", rho=0.05), 10
+  )
   step = steps.make_train_step(split.graphdef, tx, lambda x, key: x)
-  state = steps.TrainState(jnp.zeros([], jnp.int32), split.params, split.state,
-                           tx.init(split.params))
+  state = steps.TrainState(
+    jnp.zeros([], jnp.int32), split.params, split.state, tx.init(split.params)
+  )
   state, metrics = step(state, _batch((2, 8, 8, 3)), jax.random.key(0))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
 
@@ -227,7 +252,6 @@ def test_the_readmes_linen_pattern_updates_statistics_once():
   from flax import linen  # pylint: disable=g-import-not-at-top
 
   class Net(linen.Module):
-
     @linen.compact
     def __call__(self, x, train):
       x = linen.Dense(16)(x)
@@ -243,10 +267,14 @@ def test_the_readmes_linen_pattern_updates_statistics_once():
 
   def per_example_losses(params, batch_stats, batch):
     logits, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, batch["inputs"],
-        train=True, mutable=["batch_stats"])
+      {"params": params, "batch_stats": batch_stats},
+      batch["inputs"],
+      train=True,
+      mutable=["batch_stats"],
+    )
     losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits, batch["labels"])
+      logits, batch["labels"]
+    )
     return losses, updates["batch_stats"]
 
   @jax.jit
@@ -254,15 +282,17 @@ def test_the_readmes_linen_pattern_updates_statistics_once():
     def mean_loss(params):
       losses, new_stats = per_example_losses(params, batch_stats, batch)
       return losses.mean(), new_stats
-    (_, new_stats), grads = jax.value_and_grad(mean_loss, has_aux=True)(
-        params)
+
+    (_, new_stats), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     loss_fn = lambda p, b: per_example_losses(p, batch_stats, b)[0]
-    updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
-                                   batch=batch, key=key)
+    updates, opt_state = tx.update(
+      grads, opt_state, params, loss_fn=loss_fn, batch=batch, key=key
+    )
     return optax.apply_updates(params, updates), new_stats, opt_state
 
-  new_params, new_stats, _ = train_step(params, batch_stats, opt_state, batch,
-                                        jax.random.key(1))
+  new_params, new_stats, _ = train_step(
+    params, batch_stats, opt_state, batch, jax.random.key(1)
+  )
   _, once = per_example_losses(params, batch_stats, batch)
   for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(once)):
     np.testing.assert_allclose(a, b, rtol=1e-6)

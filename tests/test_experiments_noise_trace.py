@@ -7,18 +7,36 @@ from experiments import noise_trace
 
 
 def test_noise_trace_end_to_end_in_a_tiny_setting(tmp_path, capsys):
-  results = noise_trace.main([
-      "--epochs", "1", "--seeds", "0", "--examples", "128",
-      "--num-probes", "4", "--lanczos-iterations", "4", "--chunk-size", "64",
-      "--output-dir", str(tmp_path)])
+  results = noise_trace.main(
+    [
+      "--epochs",
+      "1",
+      "--seeds",
+      "0",
+      "--examples",
+      "128",
+      "--num-probes",
+      "4",
+      "--lanczos-iterations",
+      "4",
+      "--chunk-size",
+      "64",
+      "--output-dir",
+      str(tmp_path),
+    ]
+  )
   summary = results["summary"]
   assert list(summary) == ["sgd", "sam", "m_sam(m=16)", "rw_sam"]
   for name, runs in results["runs"].items():
     (run,) = runs
     assert run["seed"] == 0
     # Squared norms and, after an epoch of training, the curvature: positive.
-    for key in ("noise_trace", "gradient_sq_norm", "hessian_trace",
-                "top_eigenvalue"):
+    for key in (
+      "noise_trace",
+      "gradient_sq_norm",
+      "hessian_trace",
+      "top_eigenvalue",
+    ):
       assert math.isfinite(run[key]) and run[key] > 0, (name, key, run[key])
     assert run["top_eigenvalue_residual"] >= 0
     assert summary[name]["noise_trace"] == (run["noise_trace"], 0.0)

@@ -1,5 +1,7 @@
 """Per-example gradient norms: exact, finite differences, σ calibration."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,26 +12,35 @@ import pytest
 import sam_optax
 from sam_optax import _gradient_norms
 from sam_optax import _per_example
-from _problems import flatten, mlp_batch, mlp_loss, mlp_params
+
+from _problems import flatten
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 
 def _example(batch, i):
-  return jax.tree.map(lambda x: x[i:i + 1], batch)
+  return jax.tree.map(lambda x: x[i : i + 1], batch)
 
 
 def per_example_gradients(params, batch):
   """Flat ``∇ℓ_i`` for each example, one ``jax.grad`` per example: [B, d]."""
   size = batch["x"].shape[0]
-  return np.stack([
-      np.asarray(flatten(jax.grad(
-          lambda p: mlp_loss(p, _example(batch, i))[0])(params)))
+  return np.stack(
+    [
+      np.asarray(
+        flatten(jax.grad(lambda p: mlp_loss(p, _example(batch, i))[0])(params))
+      )
       for i in range(size)
-  ])
+    ]
+  )
 
 
 def _setup(seed=0, size=8):
-  return (mlp_params(jax.random.key(seed)),
-          mlp_batch(jax.random.key(seed + 1), size=size))
+  return (
+    mlp_params(jax.random.key(seed)),
+    mlp_batch(jax.random.key(seed + 1), size=size),
+  )
 
 
 def test_rademacher_like_gives_independent_signs():
@@ -48,7 +59,6 @@ def test_rademacher_like_gives_independent_signs():
 
 
 class ExactNormsTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_one_grad_per_example(self):
     params, batch = _setup()
@@ -64,11 +74,13 @@ class ExactNormsTest(chex.TestCase):
     params, batch = _setup(seed=2)
     full = sam_optax.per_example_gradient_norms(mlp_loss, params, batch)
     chunked = sam_optax.per_example_gradient_norms(
-        mlp_loss, params, batch, chunk_size=2)
+      mlp_loss, params, batch, chunk_size=2
+    )
     np.testing.assert_allclose(chunked, full, rtol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
       sam_optax.per_example_gradient_norms(
-          mlp_loss, params, batch, chunk_size=3)
+        mlp_loss, params, batch, chunk_size=3
+      )
 
 
 def test_estimator_matches_exact_squared_norms_over_many_probes():
@@ -89,16 +101,23 @@ def test_estimator_matches_exact_squared_norms_over_many_probes():
   gradients = per_example_gradients(params, batch)
   squared = np.sum(gradients**2, axis=1)
   standard_error = np.sqrt(
-      2 * (squared**2 - np.sum(gradients**4, axis=1)) / num_probes)
+    2 * (squared**2 - np.sum(gradients**4, axis=1)) / num_probes
+  )
 
-  one_probe = jax.jit(jax.vmap(
+  one_probe = jax.jit(
+    jax.vmap(
       lambda key: _gradient_norms.directional_derivative_estimate(
-          mlp_loss, params, batch, key, sigma)))
+        mlp_loss, params, batch, key, sigma
+      )
+    )
+  )
   estimates = one_probe(jax.random.split(jax.random.key(0), num_probes))
-  mean_square = np.mean(np.asarray(estimates, np.float64)**2, axis=0)
+  mean_square = np.mean(np.asarray(estimates, np.float64) ** 2, axis=0)
   error = np.abs(mean_square - squared)
   assert np.all(error <= 5 * standard_error + 1e-3 * squared), (
-      error, standard_error)
+    error,
+    standard_error,
+  )
   # The tolerance is tight: the estimator is noisy at K = 1 and not at K.
   assert np.all(standard_error < 0.05 * squared)
 
@@ -107,18 +126,29 @@ def test_norms_are_the_root_mean_square_over_probes():
   params, batch = _setup(seed=5)
   key = jax.random.key(3)
   norms = sam_optax.finite_difference_gradient_norms(
-      mlp_loss, params, batch, key, sigma=1e-3, num_probes=3)
-  per_probe = jnp.stack([
+    mlp_loss, params, batch, key, sigma=1e-3, num_probes=3
+  )
+  per_probe = jnp.stack(
+    [
       _gradient_norms.directional_derivative_estimate(
-          mlp_loss, params, batch, k, 1e-3)
+        mlp_loss, params, batch, k, 1e-3
+      )
       for k in jax.random.split(key, 3)
-  ])
+    ]
+  )
   np.testing.assert_allclose(
-      norms, jnp.sqrt(jnp.mean(per_probe**2, axis=0)), rtol=1e-6)
+    norms, jnp.sqrt(jnp.mean(per_probe**2, axis=0)), rtol=1e-6
+  )
   # With the clean losses given, the result is the same (one pass saved).
   given = sam_optax.finite_difference_gradient_norms(
-      mlp_loss, params, batch, key, sigma=1e-3, num_probes=3,
-      losses=mlp_loss(params, batch))
+    mlp_loss,
+    params,
+    batch,
+    key,
+    sigma=1e-3,
+    num_probes=3,
+    losses=mlp_loss(params, batch),
+  )
   np.testing.assert_allclose(given, norms, rtol=1e-6)
 
 
@@ -131,18 +161,20 @@ def test_error_shrinks_with_sigma():
   params, batch = _setup(seed=6)
   keys = jax.random.split(jax.random.key(1), 32)
   gradients = per_example_gradients(params, batch)
-  exact = np.stack([
+  exact = np.stack(
+    [
       gradients @ np.asarray(flatten(_per_example.rademacher_like(k, params)))
       for k in keys
-  ])  # [K, B]: v_k·g_i
+    ]
+  )  # [K, B]: v_k·g_i
   target = np.mean(exact**2, axis=0)
   errors = []
   for sigma in (0.3, 0.1, 0.03, 0.01):
     norms = sam_optax.finite_difference_gradient_norms(
-        mlp_loss, params, batch, jax.random.key(1), sigma=sigma,
-        num_probes=32)
-    errors.append(np.max(np.abs(np.asarray(norms)**2 - target) / target))
-  assert all(a > b for a, b in zip(errors, errors[1:])), errors
+      mlp_loss, params, batch, jax.random.key(1), sigma=sigma, num_probes=32
+    )
+    errors.append(np.max(np.abs(np.asarray(norms) ** 2 - target) / target))
+  assert all(a > b for a, b in itertools.pairwise(errors)), errors
   assert errors[-1] < errors[0] / 10, errors
 
 
@@ -151,11 +183,14 @@ def test_central_difference_is_more_accurate():
   key = jax.random.key(2)
   gradients = per_example_gradients(params, batch)
   exact = gradients @ np.asarray(
-      flatten(_per_example.rademacher_like(key, params)))
+    flatten(_per_example.rademacher_like(key, params))
+  )
   forward, central = (
-      _gradient_norms.directional_derivative_estimate(
-          mlp_loss, params, batch, key, 0.1, difference=difference)
-      for difference in ("forward", "central"))
+    _gradient_norms.directional_derivative_estimate(
+      mlp_loss, params, batch, key, 0.1, difference=difference
+    )
+    for difference in ("forward", "central")
+  )
   forward_error = np.max(np.abs(forward - exact))
   central_error = np.max(np.abs(central - exact))
   assert central_error < forward_error / 5, (central_error, forward_error)
@@ -165,8 +200,13 @@ def test_calibration_avoids_rounding_and_curvature():
   params, batch = _setup(seed=8)
   candidates = (1e-7, 1e-3, 1.0)
   result = sam_optax.calibrate_sigma(
-      mlp_loss, params, batch, jax.random.key(0), candidates=candidates,
-      num_probes=8)
+    mlp_loss,
+    params,
+    batch,
+    jax.random.key(0),
+    candidates=candidates,
+    num_probes=8,
+  )
   # 1e-7: the two float32 losses agree to all but their last digits;
   # 1.0: the curvature term dominates.
   np.testing.assert_allclose(result.sigma, 1e-3)
@@ -174,9 +214,10 @@ def test_calibration_avoids_rounding_and_curvature():
   assert errors.shape == (3,)
   assert errors[1] < errors[0] / 10 and errors[1] < errors[2] / 10, errors
   np.testing.assert_allclose(
-      result.exact_norms,
-      sam_optax.per_example_gradient_norms(mlp_loss, params, batch),
-      rtol=1e-5)
+    result.exact_norms,
+    sam_optax.per_example_gradient_norms(mlp_loss, params, batch),
+    rtol=1e-5,
+  )
   # At the chosen σ the norm error is the probes' Monte Carlo error.
   assert abs(result.norm_errors[1] - result.monte_carlo_error) < 0.02
 
@@ -184,11 +225,13 @@ def test_calibration_avoids_rounding_and_curvature():
 def _bfloat16_loss(params, batch):
   """An MLP that computes in the parameters' dtype (bfloat16 matmuls)."""
   kernel = params["hidden"]["kernel"]
-  hidden = jnp.tanh(batch["x"].astype(kernel.dtype) @ kernel
-                    + params["hidden"]["bias"])
+  hidden = jnp.tanh(
+    batch["x"].astype(kernel.dtype) @ kernel + params["hidden"]["bias"]
+  )
   logits = hidden @ params["out"]["kernel"] + params["out"]["bias"]
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["y"])
+    logits.astype(jnp.float32), batch["y"]
+  )
 
 
 def test_bfloat16_probes_in_float32():
@@ -196,14 +239,21 @@ def test_bfloat16_probes_in_float32():
   params, batch = _setup(seed=9)
   params16 = optax.tree.cast(params, jnp.bfloat16)
   exact = sam_optax.per_example_gradient_norms(
-      _bfloat16_loss, optax.tree.cast(params16, jnp.float32), batch)
+    _bfloat16_loss, optax.tree.cast(params16, jnp.float32), batch
+  )
   estimate = lambda flag: sam_optax.finite_difference_gradient_norms(
-      _bfloat16_loss, params16, batch, jax.random.key(0), num_probes=128,
-      probe_in_float32=flag)
+    _bfloat16_loss,
+    params16,
+    batch,
+    jax.random.key(0),
+    num_probes=128,
+    probe_in_float32=flag,
+  )
   promoted, kept = estimate(True), estimate(False)
   assert promoted.dtype == jnp.float32
-  relative = lambda norms: float(jnp.mean(jnp.abs(norms - exact))
-                                 / jnp.mean(exact))
+  relative = lambda norms: float(
+    jnp.mean(jnp.abs(norms - exact)) / jnp.mean(exact)
+  )
   # 128 probes: relative standard error of s_i at most sqrt(2/128)/2 = 0.06.
   assert relative(promoted) < 0.1
   assert relative(kept) > 3 * relative(promoted)

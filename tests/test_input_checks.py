@@ -19,51 +19,66 @@ import pytest
 
 import sam_optax
 from sam_optax import _perturbation
-from _problems import mlp_batch, mlp_loss, mlp_params
+
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 RHO = 0.1
 
 # name -> factory(rho) for every transform with a radius.
 TRANSFORMS = {
-    "sam": sam_optax.sam,
-    "usam": sam_optax.usam,
-    "n_sam": sam_optax.n_sam,
-    "asam": sam_optax.asam,
-    "f_sam": sam_optax.f_sam,
-    "rw_sam": sam_optax.rw_sam,
-    "rw_asam": sam_optax.rw_asam,
-    "m_sam": functools.partial(sam_optax.m_sam, micro_batch_size=2),
-    "reference.m_sam": functools.partial(sam_optax.reference.m_sam,
-                                         micro_batch_size=2),
-    "data_parallel_m_sam": functools.partial(sam_optax.data_parallel_m_sam,
-                                             axis_name="data"),
-    "gsam": sam_optax.gsam,
-    "wsam": sam_optax.wsam,
-    "vasso": sam_optax.vasso,
-    "look_sam": sam_optax.look_sam,
-    "momentum_sam": sam_optax.momentum_sam,
+  "sam": sam_optax.sam,
+  "usam": sam_optax.usam,
+  "n_sam": sam_optax.n_sam,
+  "asam": sam_optax.asam,
+  "f_sam": sam_optax.f_sam,
+  "rw_sam": sam_optax.rw_sam,
+  "rw_asam": sam_optax.rw_asam,
+  "m_sam": functools.partial(sam_optax.m_sam, micro_batch_size=2),
+  "reference.m_sam": functools.partial(
+    sam_optax.reference.m_sam, micro_batch_size=2
+  ),
+  "data_parallel_m_sam": functools.partial(
+    sam_optax.data_parallel_m_sam, axis_name="data"
+  ),
+  "gsam": sam_optax.gsam,
+  "wsam": sam_optax.wsam,
+  "vasso": sam_optax.vasso,
+  "look_sam": sam_optax.look_sam,
+  "momentum_sam": sam_optax.momentum_sam,
 }
 # Transforms whose update runs outside shard_map.
 LOCAL = [name for name in TRANSFORMS if name != "data_parallel_m_sam"]
 
 
 def _update(tx, params, batch, loss_fn=mlp_loss):
-  return tx.update(None, tx.init(params), params, loss_fn=loss_fn,
-                   batch=batch, ascent_batch=batch, key=jax.random.key(0))[0]
+  return tx.update(
+    None,
+    tx.init(params),
+    params,
+    loss_fn=loss_fn,
+    batch=batch,
+    ascent_batch=batch,
+    key=jax.random.key(0),
+  )[0]
 
 
 # --- Hyperparameters --------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
-@pytest.mark.parametrize("rho", [None, jnp.inf, -jnp.inf, jnp.nan, -0.1,
-                                 "0.1", True, [0.1, 0.2]])
+@pytest.mark.parametrize(
+  "rho", [None, jnp.inf, -jnp.inf, jnp.nan, -0.1, "0.1", True, [0.1, 0.2]]
+)
 def test_bad_rho(name, rho):
   with pytest.raises(ValueError, match=f"{name}: rho must be"):
     TRANSFORMS[name](rho)
 
 
-@pytest.mark.parametrize("make, argument", [
+@pytest.mark.parametrize(
+  "make, argument",
+  [
     (lambda v: sam_optax.f_sam(RHO, sigma=v), "sigma"),
     (lambda v: sam_optax.rw_sam(RHO, sigma=v), "sigma"),
     (lambda v: sam_optax.rw_asam(RHO, sigma=v), "sigma"),
@@ -75,7 +90,8 @@ def test_bad_rho(name, rho):
     (lambda v: sam_optax.vasso(RHO, theta=v), "theta"),
     (lambda v: sam_optax.look_sam(RHO, alpha=v), "alpha"),
     (lambda v: sam_optax.momentum_sam(RHO, momentum=v), "momentum"),
-])
+  ],
+)
 @pytest.mark.parametrize("value", [None, jnp.inf, jnp.nan, -1.0])
 def test_bad_real_hyperparameters(make, argument, value):
   if argument == "lam" and value == jnp.inf:
@@ -90,12 +106,15 @@ def test_f_sam_ema_decay_in_unit_interval(ema_decay):
     sam_optax.f_sam(RHO, ema_decay=ema_decay)
 
 
-@pytest.mark.parametrize("make, argument, value", [
+@pytest.mark.parametrize(
+  "make, argument, value",
+  [
     (lambda v: sam_optax.wsam(RHO, gamma=v), "gamma", 1.0),
     (lambda v: sam_optax.vasso(RHO, theta=v), "theta", 0.0),
     (lambda v: sam_optax.vasso(RHO, theta=v), "theta", 1.5),
     (lambda v: sam_optax.momentum_sam(RHO, momentum=v), "momentum", 1.0),
-])
+  ],
+)
 def test_hyperparameters_out_of_their_interval(make, argument, value):
   with pytest.raises(ValueError, match=f"{argument} must be"):
     make(value)
@@ -119,24 +138,32 @@ def test_numpy_integers_are_ints():
   batch = mlp_batch(jax.random.key(1), size=8)
   two = np.int64(2)
   pairs = [
-      (sam_optax.m_sam(RHO, two, micro_batches_per_chunk=np.int32(4)),
-       sam_optax.m_sam(RHO, 2, micro_batches_per_chunk=4)),
-      (sam_optax.reference.m_sam(RHO, two), sam_optax.reference.m_sam(RHO, 2)),
-      (sam_optax.rw_sam(RHO, num_probes=two, gradient_norms="exact",
-                        chunk_size=np.int16(4)),
-       sam_optax.rw_sam(RHO, num_probes=2, gradient_norms="exact",
-                        chunk_size=4)),
+    (
+      sam_optax.m_sam(RHO, two, micro_batches_per_chunk=np.int32(4)),
+      sam_optax.m_sam(RHO, 2, micro_batches_per_chunk=4),
+    ),
+    (sam_optax.reference.m_sam(RHO, two), sam_optax.reference.m_sam(RHO, 2)),
+    (
+      sam_optax.rw_sam(
+        RHO, num_probes=two, gradient_norms="exact", chunk_size=np.int16(4)
+      ),
+      sam_optax.rw_sam(RHO, num_probes=2, gradient_norms="exact", chunk_size=4),
+    ),
   ]
   for with_numpy, with_python in pairs:
-    jax.tree.map(np.testing.assert_array_equal,
-                 _update(with_numpy, params, batch),
-                 _update(with_python, params, batch))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      _update(with_numpy, params, batch),
+      _update(with_python, params, batch),
+    )
   sam_optax.data_parallel_m_sam(RHO, "data", micro_batch_size=two)
-  norms = sam_optax.per_example_gradient_norms(mlp_loss, params, batch,
-                                               chunk_size=two)
+  norms = sam_optax.per_example_gradient_norms(
+    mlp_loss, params, batch, chunk_size=two
+  )
   assert norms.shape == (8,)
   assert sam_optax.diagnostics.micro_batch_coefficient(
-      np.int64(2), 8) == sam_optax.diagnostics.micro_batch_coefficient(2, 8)
+    np.int64(2), 8
+  ) == sam_optax.diagnostics.micro_batch_coefficient(2, 8)
 
 
 @pytest.mark.parametrize("value", [True, 2.0, 0, jnp.asarray(2)])
@@ -165,15 +192,21 @@ def _with_step_counter(params, dtype):
 
 
 @pytest.mark.parametrize("name", LOCAL)
-@pytest.mark.parametrize("dtype, kind", [(jnp.int32, "non-floating"),
-                                         (jnp.bool_, "non-floating"),
-                                         (jnp.complex64, "complex")])
+@pytest.mark.parametrize(
+  "dtype, kind",
+  [
+    (jnp.int32, "non-floating"),
+    (jnp.bool_, "non-floating"),
+    (jnp.complex64, "complex"),
+  ],
+)
 def test_leaves_that_cannot_be_perturbed(name, dtype, kind):
   """Named, with its path, rather than a jax.grad error or a dropped part."""
   params = _with_step_counter(mlp_params(jax.random.key(0)), dtype)
   batch = mlp_batch(jax.random.key(1), size=4)
-  loss_fn = lambda p, b: mlp_loss({k: v for k, v in p.items() if k != "step"},
-                                  b)
+  loss_fn = lambda p, b: mlp_loss(
+    {k: v for k, v in p.items() if k != "step"}, b
+  )
   with pytest.raises(ValueError, match=rf"\['step'\] has the {kind} dtype"):
     _update(TRANSFORMS[name](RHO), params, batch, loss_fn)
 
@@ -182,13 +215,21 @@ def test_leaves_that_cannot_be_perturbed(name, dtype, kind):
 def test_inside_optax_masked_points_to_perturb_mask(name):
   params = mlp_params(jax.random.key(0))
   batch = mlp_batch(jax.random.key(1), size=4)
-  mask = {"hidden": {"kernel": True, "bias": True},
-          "out": {"kernel": True, "bias": False}}
+  mask = {
+    "hidden": {"kernel": True, "bias": True},
+    "out": {"kernel": True, "bias": False},
+  }
   tx = optax.masked(TRANSFORMS[name](RHO), mask)
   grads = jax.tree.map(jnp.ones_like, params)
-  with pytest.raises(ValueError, match="MaskedNode.*perturb_mask"):
-    tx.update(grads, tx.init(params), params, loss_fn=mlp_loss, batch=batch,
-              key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"MaskedNode.*perturb_mask"):
+    tx.update(
+      grads,
+      tx.init(params),
+      params,
+      loss_fn=mlp_loss,
+      batch=batch,
+      key=jax.random.key(0),
+    )
 
 
 # --- Huge and zero gradients ---------------------------------------------------
@@ -203,8 +244,9 @@ class ScaleTest(parameterized.TestCase):
   """
 
   # USAM's ε = ρ g grows with c: it is not scale-free by design.
-  @parameterized.named_parameters(*[(name, name) for name in LOCAL
-                                    if name != "usam"])
+  @parameterized.named_parameters(
+    *[(name, name) for name in LOCAL if name != "usam"]
+  )
   def test_huge_gradients_keep_the_perturbation(self, name):
     params = mlp_params(jax.random.key(0))
     batch = mlp_batch(jax.random.key(1), size=8)
@@ -220,15 +262,18 @@ class ScaleTest(parameterized.TestCase):
 
   def test_perturbation_norm_is_rho_for_any_finite_gradient(self):
     for magnitude in (1e-30, 1.0, 1e19, 1e30, 3e38):
-      direction = {"a": jnp.full((3,), magnitude, jnp.float32),
-                   "b": jnp.asarray([-magnitude, 0.0], jnp.float32)}
+      direction = {
+        "a": jnp.full((3,), magnitude, jnp.float32),
+        "b": jnp.asarray([-magnitude, 0.0], jnp.float32),
+      }
       epsilon = _perturbation.perturbation(direction, RHO)
       norm = float(_perturbation.global_norm(epsilon))
       if magnitude >= 1e-10:  # tiny ones are damped by δ, as the formula says
         np.testing.assert_allclose(norm, RHO, rtol=1e-6)
       if magnitude < 1e38:  # 2 · 3e38 is beyond float32
         np.testing.assert_allclose(
-            float(_perturbation.global_norm(direction)), 2 * magnitude, rtol=1e-6)
+          float(_perturbation.global_norm(direction)), 2 * magnitude, rtol=1e-6
+        )
 
   def test_zero_gradient_gives_no_nan(self):
     params = mlp_params(jax.random.key(0))

@@ -16,16 +16,16 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-
 import jax
 import jax.flatten_util
+import numpy as np
 import optax
+import pytest
 
 import sam_optax
-from _problems import mlp_loss
+
 import _multi_process_worker as worker
+from _problems import mlp_loss
 
 RHO = 0.05  # the snippet's data_parallel_m_sam(0.05, ...)
 TIMEOUT = 120  # seconds for the workers, all together
@@ -51,21 +51,29 @@ def _run_workers(out_dir: pathlib.Path) -> list[int | None]:
   running then is killed. None is the code of a worker that was killed.
   """
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
-                      f"_device_count={worker.LOCAL_DEVICES}")
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+    f"_device_count={worker.LOCAL_DEVICES}"
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")])
+    [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")]
+  )
   port = _free_port()
   processes, codes = [], []
   try:
     for i in range(worker.PROCESSES):
       # To a file: a pipe read only at the end could fill and block it.
       with open(out_dir / f"process_{i}.log", "w") as log:
-        processes.append(subprocess.Popen(
-            [sys.executable, worker.__file__, str(i), str(port),
-             str(out_dir)],
-            env=env, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT))
+        processes.append(
+          subprocess.Popen(
+            [sys.executable, worker.__file__, str(i), str(port), str(out_dir)],
+            env=env,
+            cwd=_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+          )
+        )
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
       codes = [p.poll() for p in processes]
@@ -85,13 +93,15 @@ def _m_sam_steps(params, batches, micro_batch_size):
   # The vmap form compiles fastest here; test_m_sam pins every form of m_sam
   # to the sequential reference.
   tx = optax.chain(
-      sam_optax.m_sam(RHO, micro_batch_size, implementation="vmap"),
-      _base_optimizer())
+    sam_optax.m_sam(RHO, micro_batch_size, implementation="vmap"),
+    _base_optimizer(),
+  )
 
   @jax.jit
   def step(params, opt_state, batch):
-    updates, opt_state = tx.update(None, opt_state, params, loss_fn=mlp_loss,
-                                   batch=batch)
+    updates, opt_state = tx.update(
+      None, opt_state, params, loss_fn=mlp_loss, batch=batch
+    )
     return optax.apply_updates(params, updates), opt_state
 
   opt_state, flat = tx.init(params), []
@@ -106,9 +116,10 @@ def test_readme_snippet_on_two_processes_is_m_sam(tmp_path):
   codes = _run_workers(tmp_path)
   if codes != [0] * worker.PROCESSES:
     logs = "\n".join(
-        f"--- process {i} (exit code {code}):\n"
-        + (tmp_path / f"process_{i}.log").read_text()[-3000:]
-        for i, code in enumerate(codes))
+      f"--- process {i} (exit code {code}):\n"
+      + (tmp_path / f"process_{i}.log").read_text()[-3000:]
+      for i, code in enumerate(codes)
+    )
     pytest.fail(f"workers failed or timed out after {TIMEOUT} s:\n{logs}")
 
   params, batches = worker.problem()
@@ -122,12 +133,17 @@ def test_readme_snippet_on_two_processes_is_m_sam(tmp_path):
       # contiguous shard per device: m_sam's micro-batches.
       rows = saved[f"rows_{t}"]
       np.testing.assert_array_equal(
-          rows, [(i * size + d * shard, i * size + (d + 1) * shard)
-                 for d in range(worker.LOCAL_DEVICES)])
+        rows,
+        [
+          (i * size + d * shard, i * size + (d + 1) * shard)
+          for d in range(worker.LOCAL_DEVICES)
+        ],
+      )
       for (start, stop), x in zip(rows, saved[f"x_{t}"]):
         np.testing.assert_array_equal(x, np.asarray(batch["x"])[start:stop])
-      np.testing.assert_allclose(saved[f"params_{t}"], expected[t],
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        saved[f"params_{t}"], expected[t], rtol=1e-5, atol=1e-6
+      )
 
   # The comparison discriminates: m_sam with another m (here SAM, m = B)
   # ends measurably elsewhere.

@@ -12,8 +12,13 @@ import jax
 import optax
 import pytest
 
-from _problems import add, global_norm, mean_loss
-from _problems import mlp_batch, mlp_loss, mlp_params, readme_snippet
+from _problems import add
+from _problems import global_norm
+from _problems import mean_loss
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
+from _problems import readme_snippet
 
 MARKER = "<!-- new-variant snippet: run by tests/test_new_variant.py -->"
 RHO = 0.05
@@ -36,12 +41,13 @@ def _expected_updates(params, batches):
   for batch in batches:
     clean = jax.grad(lambda p, b=batch: mean_loss(mlp_loss, p, b))(params)
     direction = clean if previous is None else previous
-    epsilon = jax.tree.map(lambda d: RHO * d / global_norm(direction),
-                           direction)
+    epsilon = jax.tree.map(
+      lambda d: RHO * d / global_norm(direction), direction
+    )
     perturbed = jax.grad(lambda p, b=batch: mean_loss(mlp_loss, p, b))(
-        add(params, epsilon))
-    velocity = perturbed if velocity is None else add(perturbed, velocity,
-                                                      0.9)
+      add(params, epsilon)
+    )
+    velocity = perturbed if velocity is None else add(perturbed, velocity, 0.9)
     updates = jax.tree.map(lambda v: -LR * v, velocity)
     expected.append(updates)
     params = optax.apply_updates(params, updates)
@@ -76,5 +82,5 @@ def test_new_variant_gets_the_contract_checks():
   # sharpness_aware's checks come with the new variant, under its own name.
   tx = SCOPE["tx"]
   params = mlp_params(jax.random.key(0))
-  with pytest.raises(TypeError, match="previous_gradient_sam.update needs"):
+  with pytest.raises(TypeError, match=r"previous_gradient_sam\.update needs"):
     tx.update(None, tx.init(params), params, loss_fn=mlp_loss)

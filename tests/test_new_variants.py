@@ -21,17 +21,23 @@ import optax
 import pytest
 
 import sam_optax
-from _problems import add, compiled_flops, global_norm, mean_loss
-from _problems import mlp_batch, mlp_loss, mlp_params
+
+from _problems import add
+from _problems import compiled_flops
+from _problems import global_norm
+from _problems import mean_loss
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 DELTA = 1e-12
 RHO = 0.1
-ALPHA = 0.3       # GSAM
-GAMMA = 0.8       # WSAM
-THETA = 0.4       # VaSSO
-EVERY_K = 2       # LookSAM: steps 0 and 2 are SAM steps, 1 and 3 reuse g_v
+ALPHA = 0.3  # GSAM
+GAMMA = 0.8  # WSAM
+THETA = 0.4  # VaSSO
+EVERY_K = 2  # LookSAM: steps 0 and 2 are SAM steps, 1 and 3 reuse g_v
 LOOK_ALPHA = 0.7  # LookSAM
-MU = 0.9          # Momentum-SAM
+MU = 0.9  # Momentum-SAM
 NUM_STEPS = 4
 TOL = dict(rtol=2e-5, atol=1e-6)
 
@@ -45,8 +51,10 @@ def grad_mean(params, batch):
 
 
 def dot(tree, other):
-  return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(tree),
-                                            jax.tree.leaves(other)))
+  return sum(
+    jnp.vdot(a, b)
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(other))
+  )
 
 
 def scale(tree, factor):
@@ -83,13 +91,14 @@ def wsam_reference(params, batch, memory, gamma=GAMMA):
 
 def vasso_reference(params, batch, memory, theta=THETA):
   g = grad_mean(params, batch)
-  d = memory.get("d", scale(g, 0.0))                       # d_0 = 0
+  d = memory.get("d", scale(g, 0.0))  # d_0 = 0
   d = add(scale(d, 1 - theta), g, theta)
   return perturbed(params, batch, d), {**memory, "d": d}
 
 
-def look_sam_reference(params, batch, memory, every_k=EVERY_K,
-                       alpha=LOOK_ALPHA):
+def look_sam_reference(
+  params, batch, memory, every_k=EVERY_K, alpha=LOOK_ALPHA
+):
   t = memory.get("t", 0)
   g = grad_mean(params, batch)
   if t % every_k == 0:
@@ -103,7 +112,7 @@ def look_sam_reference(params, batch, memory, every_k=EVERY_K,
 
 def momentum_sam_reference(params, batch, memory, mu=MU):
   v = memory.get("v")
-  if v is None:                                            # v_0 = 0: ε = 0
+  if v is None:  # v_0 = 0: ε = 0
     out = grad_mean(params, batch)
     v = out
   else:
@@ -114,16 +123,23 @@ def momentum_sam_reference(params, batch, memory, mu=MU):
 
 # name -> (make the transform, its reference, what of its state to compare)
 VARIANTS = {
-    "gsam": (lambda: sam_optax.gsam(RHO, ALPHA), gsam_reference, None),
-    "wsam": (lambda: sam_optax.wsam(RHO, GAMMA), wsam_reference, None),
-    "vasso": (lambda: sam_optax.vasso(RHO, THETA), vasso_reference,
-              lambda s, m: (s.direction, m["d"])),
-    "look_sam": (lambda: sam_optax.look_sam(RHO, EVERY_K, LOOK_ALPHA),
-                 look_sam_reference,
-                 lambda s, m: (s.orthogonal, m["g_v"])),
-    "momentum_sam": (lambda: sam_optax.momentum_sam(RHO, MU),
-                     momentum_sam_reference,
-                     lambda s, m: (s.momentum, m["v"])),
+  "gsam": (lambda: sam_optax.gsam(RHO, ALPHA), gsam_reference, None),
+  "wsam": (lambda: sam_optax.wsam(RHO, GAMMA), wsam_reference, None),
+  "vasso": (
+    lambda: sam_optax.vasso(RHO, THETA),
+    vasso_reference,
+    lambda s, m: (s.direction, m["d"]),
+  ),
+  "look_sam": (
+    lambda: sam_optax.look_sam(RHO, EVERY_K, LOOK_ALPHA),
+    look_sam_reference,
+    lambda s, m: (s.orthogonal, m["g_v"]),
+  ),
+  "momentum_sam": (
+    lambda: sam_optax.momentum_sam(RHO, MU),
+    momentum_sam_reference,
+    lambda s, m: (s.momentum, m["v"]),
+  ),
 }
 
 
@@ -184,36 +200,47 @@ def test_steps_alone(name, use_jit):
     assert int(state.count) == NUM_STEPS
 
 
-@pytest.mark.parametrize("name, use_jit", [
+@pytest.mark.parametrize(
+  "name, use_jit",
+  [
     *[pytest.param(name, False, id=f"{name}-no_jit") for name in VARIANTS],
-    *[pytest.param(name, True, id=f"{name}-jit", marks=pytest.mark.slow)
-      for name in VARIANTS]])
+    *[
+      pytest.param(name, True, id=f"{name}-jit", marks=pytest.mark.slow)
+      for name in VARIANTS
+    ],
+  ],
+)
 def test_in_chain(name, use_jit):
   """``chain(variant, add_decayed_weights, sgd(lr))``: two steps (under
   ``jit`` too with ``-m slow``; :func:`test_steps_alone` runs both)."""
   make, _, _ = VARIANTS[name]
   outputs, _, points = _expected(name)
   learning_rate, decay = 0.5, 1e-3
-  tx = optax.chain(make(), optax.add_decayed_weights(decay),
-                   optax.sgd(learning_rate))
+  tx = optax.chain(
+    make(), optax.add_decayed_weights(decay), optax.sgd(learning_rate)
+  )
   step = _step(tx, use_jit)
   state = tx.init(points[0])
   for t, batch in enumerate(_batches(2)):
-    updates, state = step(grad_mean(points[t], batch), state, points[t],
-                          batch)
+    updates, state = step(grad_mean(points[t], batch), state, points[t], batch)
     # Weight decay is the base optimizer's, added after the variant.
-    expected = jax.tree.map(lambda g, w: -learning_rate * (g + decay * w),
-                            outputs[t], points[t])
+    expected = jax.tree.map(
+      lambda g, w: -learning_rate * (g + decay * w), outputs[t], points[t]
+    )
     _close(updates, expected)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     pytest.param(lambda: sam_optax.gsam(RHO, alpha=0.0), id="gsam_alpha_0"),
     pytest.param(lambda: sam_optax.wsam(RHO, gamma=0.5), id="wsam_gamma_half"),
     pytest.param(lambda: sam_optax.vasso(RHO, theta=1.0), id="vasso_theta_1"),
-    pytest.param(lambda: sam_optax.look_sam(RHO, every_k=1),
-                 id="look_sam_every_step"),
-])
+    pytest.param(
+      lambda: sam_optax.look_sam(RHO, every_k=1), id="look_sam_every_step"
+    ),
+  ],
+)
 def test_limits_are_sam(make):
   """GSAM with α = 0, WSAM with γ = 1/2, VaSSO with θ = 1 and LookSAM with
   k = 1 are SAM, step after step."""
@@ -221,22 +248,27 @@ def test_limits_are_sam(make):
   tx = make()
   state = tx.init(points[0])
   for t, batch in enumerate(_batches(3)):
-    updates, state = tx.update(grad_mean(points[t], batch), state, points[t],
-                               loss_fn=mlp_loss, batch=batch)
+    updates, state = tx.update(
+      grad_mean(points[t], batch),
+      state,
+      points[t],
+      loss_fn=mlp_loss,
+      batch=batch,
+    )
     _close(updates, outputs[t])
 
 
 def test_momentum_sam_keeps_the_base_optimizers_trace():
   """After each step of ``chain(momentum_sam(ρ, μ), sgd(lr, momentum=μ))``
   the two momenta agree; the first step is a plain gradient step."""
-  tx = optax.chain(sam_optax.momentum_sam(RHO, MU),
-                   optax.sgd(0.3, momentum=MU))
+  tx = optax.chain(sam_optax.momentum_sam(RHO, MU), optax.sgd(0.3, momentum=MU))
   params = _params()
   state = tx.init(params)
   for t, batch in enumerate(_batches(3)):
     clean = grad_mean(params, batch)
-    updates, state = tx.update(None, state, params, loss_fn=mlp_loss,
-                               batch=batch)
+    updates, state = tx.update(
+      None, state, params, loss_fn=mlp_loss, batch=batch
+    )
     if t == 0:
       _close(updates, scale(clean, -0.3))
     _close(state[0].momentum, state[1][0].trace)
@@ -246,13 +278,16 @@ def test_momentum_sam_keeps_the_base_optimizers_trace():
 def test_momentum_sam_perturb_mask():
   """Second step (``v ≠ 0``): ``ε = −ρ M⊙v / ‖M⊙v‖``; ``v`` covers every
   leaf."""
-  mask = {"hidden": {"kernel": True, "bias": False},
-          "out": {"kernel": False, "bias": True}}
+  mask = {
+    "hidden": {"kernel": True, "bias": False},
+    "out": {"kernel": False, "bias": True},
+  }
   params = _params()
   first, second = _batches(2)
   tx = sam_optax.momentum_sam(RHO, MU, perturb_mask=mask)
-  g1, state = tx.update(None, tx.init(params), params, loss_fn=mlp_loss,
-                        batch=first)
+  g1, state = tx.update(
+    None, tx.init(params), params, loss_fn=mlp_loss, batch=first
+  )
   g2, state = tx.update(None, state, params, loss_fn=mlp_loss, batch=second)
   v1 = grad_mean(params, first)
   masked = jax.tree.map(lambda v, keep: -v if keep else 0.0 * v, v1, mask)
@@ -262,27 +297,38 @@ def test_momentum_sam_perturb_mask():
   _close(state.momentum, add(expected, v1, MU))
 
 
-@pytest.mark.parametrize("factory, argument, fixed, static_args", [
+@pytest.mark.parametrize(
+  "factory, argument, fixed, static_args",
+  [
     pytest.param(sam_optax.gsam, "alpha", {}, (), id="gsam_alpha"),
-    pytest.param(sam_optax.look_sam, "alpha", {"every_k": 2}, ("every_k",),
-                 id="look_sam_alpha"),
-])
+    pytest.param(
+      sam_optax.look_sam,
+      "alpha",
+      {"every_k": 2},
+      ("every_k",),
+      id="look_sam_alpha",
+    ),
+  ],
+)
 def test_changing_schedule(factory, argument, fixed, static_args):
   """A schedule of a new hyperparameter equals the fixed-value transform
   built anew at each step (``every_k`` static)."""
   schedule = optax.linear_schedule(0.0, 0.6, 3)
   injected = optax.inject_hyperparams(factory, static_args=static_args)(
-      rho=RHO, **{argument: schedule}, **fixed)
+    rho=RHO, **{argument: schedule}, **fixed
+  )
   params = _params()
   state = injected.init(params)
   inner = state.inner_state
   for t, batch in enumerate(_batches(3)):
     grads = grad_mean(params, batch)
     reference = factory(RHO, **{argument: float(schedule(t))}, **fixed)
-    expected, inner = reference.update(grads, inner, params,
-                                       loss_fn=mlp_loss, batch=batch)
-    got, state = injected.update(grads, state, params, loss_fn=mlp_loss,
-                                 batch=batch)
+    expected, inner = reference.update(
+      grads, inner, params, loss_fn=mlp_loss, batch=batch
+    )
+    got, state = injected.update(
+      grads, state, params, loss_fn=mlp_loss, batch=batch
+    )
     _close(got, expected, dict(rtol=1e-6, atol=1e-7))
     params = add(params, got, -0.5)
 
@@ -338,11 +384,11 @@ def test_cost_of_the_cheap_steps():
   _, _, bound = _cost_problem()
   _, clean, sam = _reference_costs()
   look = sam_optax.look_sam(RHO, EVERY_K, LOOK_ALPHA)
-  assert 0 <= _step_cost(look, count=0) - sam <= bound    # a SAM step
+  assert 0 <= _step_cost(look, count=0) - sam <= bound  # a SAM step
   assert 0 <= _step_cost(look, count=1) - clean <= bound  # a step in between
   momentum = sam_optax.momentum_sam(RHO, MU)
   momentum_step = _step_cost(momentum, pass_gradient=False)
-  assert 0 <= momentum_step - clean <= bound               # one pass
+  assert 0 <= momentum_step - clean <= bound  # one pass
   assert _step_cost(momentum) == momentum_step  # a clean gradient: unused
 
 
@@ -352,8 +398,11 @@ def test_cost_of_the_two_pass_steps():
   counter known at run time only) reports its SAM branch."""
   _, _, bound = _cost_problem()
   _, _, sam = _reference_costs()
-  for tx in (sam_optax.gsam(RHO, ALPHA), sam_optax.wsam(RHO, GAMMA),
-             sam_optax.vasso(RHO, THETA)):
+  for tx in (
+    sam_optax.gsam(RHO, ALPHA),
+    sam_optax.wsam(RHO, GAMMA),
+    sam_optax.vasso(RHO, THETA),
+  ):
     assert 0 <= _step_cost(tx) - sam <= bound
     assert _step_cost(tx, pass_gradient=False) == _step_cost(tx)
   look = sam_optax.look_sam(RHO, EVERY_K, LOOK_ALPHA)
@@ -370,8 +419,9 @@ def test_look_sam_skips_the_perturbed_pass_at_run_time():
     return mlp_loss(params, batch)
 
   tx = sam_optax.look_sam(RHO, every_k=3)
-  step = jax.jit(lambda g, s, p, b: tx.update(g, s, p, loss_fn=counted_loss,
-                                              batch=b))
+  step = jax.jit(
+    lambda g, s, p, b: tx.update(g, s, p, loss_fn=counted_loss, batch=b)
+  )
   params, batch = _params(), _batches(1)[0]
   state = tx.init(params)
   counts = []
@@ -384,13 +434,14 @@ def test_look_sam_skips_the_perturbed_pass_at_run_time():
 
 def test_look_sam_zero_orthogonal_part_hands_on_the_clean_gradient():
   """``‖g_v‖ = 0`` (one parameter: ``g_adv`` is parallel to ``g``, exactly)."""
-  loss_fn = lambda p, b: 0.5 * (p["w"][0] - b) ** 2      # per example
+  loss_fn = lambda p, b: 0.5 * (p["w"][0] - b) ** 2  # per example
   params = {"w": jnp.zeros(1)}
   batch = jnp.asarray([1.0, 2.0, 3.0, 6.0])
   tx = sam_optax.look_sam(RHO, every_k=2)
   state = tx.init(params)
   for _ in range(2):
-    updates, state = tx.update(None, state, params, loss_fn=loss_fn,
-                               batch=batch)
+    updates, state = tx.update(
+      None, state, params, loss_fn=loss_fn, batch=batch
+    )
   np.testing.assert_array_equal(state.orthogonal["w"], 0.0)
-  np.testing.assert_array_equal(updates["w"], -3.0)    # g = w − mean(b)
+  np.testing.assert_array_equal(updates["w"], -3.0)  # g = w − mean(b)

@@ -20,15 +20,19 @@ import pytest
 
 import sam_optax
 import sam_optax.flax
+
 from _flax_problem import DenseNet
-from _problems import mlp_batch, mlp_loss, mlp_params
+from _problems import mlp_batch
+from _problems import mlp_loss
+from _problems import mlp_params
 
 BATCH = 8
 
 
 def _per_example_loss(model, batch):
-  return optax.softmax_cross_entropy_with_integer_labels(model(batch["x"]),
-                                                         batch["y"])
+  return optax.softmax_cross_entropy_with_integer_labels(
+    model(batch["x"]), batch["y"]
+  )
 
 
 @functools.cache
@@ -41,8 +45,10 @@ def _coupled_problem():
 def _jacobian_row_norms(loss_fn, params, batch):
   """``‖e_iᵀ J‖`` from ``jax.jacrev`` of the loss vector: the definition."""
   jacobian = jax.jacrev(loss_fn)(params, batch)  # leaves [B, *leaf]
-  squares = [jnp.sum(x.reshape(BATCH, -1) ** 2, axis=1)
-             for x in jax.tree.leaves(jacobian)]
+  squares = [
+    jnp.sum(x.reshape(BATCH, -1) ** 2, axis=1)
+    for x in jax.tree.leaves(jacobian)
+  ]
   return jnp.sqrt(sum(squares))
 
 
@@ -51,10 +57,14 @@ def test_uncoupled_loss_keeps_batch_of_one_and_jacobian_agrees():
 
   @jax.jit
   def norms(params):
-    norms = functools.partial(sam_optax.per_example_gradient_norms, mlp_loss,
-                              params, batch)
-    return (norms(), norms(per_example_gradients="batch_of_one"),
-            norms(per_example_gradients="jacobian"))
+    norms = functools.partial(
+      sam_optax.per_example_gradient_norms, mlp_loss, params, batch
+    )
+    return (
+      norms(),
+      norms(per_example_gradients="batch_of_one"),
+      norms(per_example_gradients="jacobian"),
+    )
 
   auto, one, jacobian = norms(params)
   np.testing.assert_array_equal(auto, one)  # "auto": today's route
@@ -67,10 +77,15 @@ def test_coupled_loss_takes_jacobian_rows():
 
   @jax.jit
   def norms(params):
-    norms = functools.partial(sam_optax.per_example_gradient_norms, loss_fn,
-                              params, batch)
-    return (_jacobian_row_norms(loss_fn, params, batch), norms(),
-            norms(chunk_size=4), norms(per_example_gradients="batch_of_one"))
+    norms = functools.partial(
+      sam_optax.per_example_gradient_norms, loss_fn, params, batch
+    )
+    return (
+      _jacobian_row_norms(loss_fn, params, batch),
+      norms(),
+      norms(chunk_size=4),
+      norms(per_example_gradients="batch_of_one"),
+    )
 
   expected, auto, chunked, one = norms(params)
   np.testing.assert_allclose(auto, expected, rtol=1e-5)
@@ -85,10 +100,19 @@ def test_calibration_compares_the_probe_with_what_it_estimates():
   @jax.jit
   def calibrate(params):
     calibrate = functools.partial(
-        sam_optax.calibrate_sigma, loss_fn, params, batch, jax.random.key(0),
-        candidates=(1e-4, 1e-1), num_probes=1)
-    return (_jacobian_row_norms(loss_fn, params, batch), calibrate(),
-            calibrate(per_example_gradients="batch_of_one"))
+      sam_optax.calibrate_sigma,
+      loss_fn,
+      params,
+      batch,
+      jax.random.key(0),
+      candidates=(1e-4, 1e-1),
+      num_probes=1,
+    )
+    return (
+      _jacobian_row_norms(loss_fn, params, batch),
+      calibrate(),
+      calibrate(per_example_gradients="batch_of_one"),
+    )
 
   expected, coupled, one = calibrate(params)
   np.testing.assert_allclose(coupled.exact_norms, expected, rtol=1e-5)
@@ -108,32 +132,40 @@ def test_rw_sam_exact_norms_are_jacobian_rows():
 
   @jax.jit
   def step(params):
-    _, state = tx.update(None, tx.init(params), params, loss_fn=loss_fn,
-                         batch=batch)
+    _, state = tx.update(
+      None, tx.init(params), params, loss_fn=loss_fn, batch=batch
+    )
     return state, _jacobian_row_norms(loss_fn, params, batch)
 
   state, expected = step(params)
-  np.testing.assert_allclose(optax.tree.get(state, "gradient_norm_mean"),
-                             jnp.mean(expected), rtol=1e-5)
-  np.testing.assert_allclose(optax.tree.get(state, "gradient_norm_max"),
-                             jnp.max(expected), rtol=1e-5)
+  np.testing.assert_allclose(
+    optax.tree.get(state, "gradient_norm_mean"), jnp.mean(expected), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    optax.tree.get(state, "gradient_norm_max"), jnp.max(expected), rtol=1e-5
+  )
   # The explicit override reaches the norms: batches of one measure another
   # quantity on this coupled loss.
-  alone = sam_optax.rw_sam(0.05, gradient_norms="exact",
-                           per_example_gradients="batch_of_one")
-  _, other = alone.update(None, alone.init(params), params, loss_fn=loss_fn,
-                          batch=batch)
-  assert not np.allclose(optax.tree.get(other, "gradient_norm_mean"),
-                         jnp.mean(expected), rtol=1e-2)
+  alone = sam_optax.rw_sam(
+    0.05, gradient_norms="exact", per_example_gradients="batch_of_one"
+  )
+  _, other = alone.update(
+    None, alone.init(params), params, loss_fn=loss_fn, batch=batch
+  )
+  assert not np.allclose(
+    optax.tree.get(other, "gradient_norm_mean"), jnp.mean(expected), rtol=1e-2
+  )
 
 
 def test_bad_choice_is_an_error_naming_it():
   params, batch = mlp_params(jax.random.key(0)), mlp_batch(jax.random.key(1))
   with pytest.raises(ValueError, match="per_example_gradients"):
-    sam_optax.per_example_gradient_norms(mlp_loss, params, batch,
-                                         per_example_gradients="exact")
+    sam_optax.per_example_gradient_norms(
+      mlp_loss, params, batch, per_example_gradients="exact"
+    )
   with pytest.raises(ValueError, match="rw_sam: per_example_gradients"):
     sam_optax.rw_sam(0.05, per_example_gradients="rows")
   with pytest.raises(ValueError, match="calibrate_sigma: per_example_grad"):
-    sam_optax.calibrate_sigma(mlp_loss, params, batch, jax.random.key(0),
-                              per_example_gradients=None)
+    sam_optax.calibrate_sigma(
+      mlp_loss, params, batch, jax.random.key(0), per_example_gradients=None
+    )

@@ -13,17 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["params", "loss_fn", "batch"]
+__all__ = ["batch", "loss_fn", "params"]
 
 _rng = np.random.default_rng(0)
 
 params = {
-    "w": jnp.asarray(_rng.normal(size=(4, 3)) * 0.5, jnp.float32),
-    "b": jnp.asarray(np.zeros(3), jnp.float32),
+  "w": jnp.asarray(_rng.normal(size=(4, 3)) * 0.5, jnp.float32),
+  "b": jnp.asarray(np.zeros(3), jnp.float32),
 }
 batch = {
-    "x": jnp.asarray(_rng.normal(size=(8, 4)), jnp.float32),
-    "y": jnp.asarray(np.arange(8) % 3, jnp.int32),
+  "x": jnp.asarray(_rng.normal(size=(8, 4)), jnp.float32),
+  "y": jnp.asarray(np.arange(8) % 3, jnp.int32),
 }
 
 

@@ -18,8 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["model", "make_batch", "loss_fn", "params", "batch", "key", "grads",
-           "allclose"]
+__all__ = [
+  "allclose",
+  "batch",
+  "grads",
+  "key",
+  "loss_fn",
+  "make_batch",
+  "model",
+  "params",
+]
 
 FEATURES = 8
 HIDDEN = 16
@@ -35,13 +43,16 @@ class MLP:
 
     def dense(fan_in: int, fan_out: int) -> dict[str, jax.Array]:
       kernel = rng.normal(size=(fan_in, fan_out)) / fan_in**0.5
-      return {"kernel": jnp.asarray(kernel, jnp.float32),
-              "bias": jnp.asarray(np.zeros(fan_out), jnp.float32)}
+      return {
+        "kernel": jnp.asarray(kernel, jnp.float32),
+        "bias": jnp.asarray(np.zeros(fan_out), jnp.float32),
+      }
 
     return {"backbone": dense(FEATURES, HIDDEN), "head": dense(HIDDEN, CLASSES)}
 
-  def apply(self, params: dict[str, dict[str, jax.Array]],
-            x: jax.Array) -> jax.Array:
+  def apply(
+    self, params: dict[str, dict[str, jax.Array]], x: jax.Array
+  ) -> jax.Array:
     backbone, head = params["backbone"], params["head"]
     hidden = jnp.tanh(x @ backbone["kernel"] + backbone["bias"])
     return hidden @ head["kernel"] + head["bias"]
@@ -54,8 +65,8 @@ def make_batch(seed: int, size: int = BATCH_SIZE) -> dict[str, jax.Array]:
   """``size`` random examples: ``image`` ``[size, 8]``, ``label`` ``[size]``."""
   rng = np.random.default_rng(seed)
   return {
-      "image": jnp.asarray(rng.normal(size=(size, FEATURES)), jnp.float32),
-      "label": jnp.asarray(rng.integers(0, CLASSES, size=size), jnp.int32),
+    "image": jnp.asarray(rng.normal(size=(size, FEATURES)), jnp.float32),
+    "label": jnp.asarray(rng.integers(0, CLASSES, size=size), jnp.int32),
   }
 
 
@@ -67,8 +78,9 @@ def loss_fn(params, batch):
 
 def allclose(a, b, atol: float = 1e-6) -> bool:
   """Whether two pytrees of arrays agree, leaf by leaf, to ``atol``."""
-  return jax.tree.all(jax.tree.map(
-      lambda x, y: bool(np.allclose(x, y, atol=atol)), a, b))
+  return jax.tree.all(
+    jax.tree.map(lambda x, y: bool(np.allclose(x, y, atol=atol)), a, b)
+  )
 
 
 params = model.init(seed=0)

@@ -48,22 +48,37 @@ def _qualified(name: str) -> str:
 
 
 _ARRAY_LIKE = r" \| ".join(
-    [_qualified(n) for n in ("Array", "ndarray", "bool", "number")]
-    + ["bool", "int", "float", "complex"])
+  [_qualified(n) for n in ("Array", "ndarray", "bool", "number")]
+  + ["bool", "int", "float", "complex"]
+)
 # Evaluated annotations, as autodoc prints them (fully qualified), and the
 # names they stand for; ArrayTree first, since it contains ArrayLike.
-ANNOTATION_NAMES = tuple((re.compile(pattern), name) for pattern, name in (
-    (_ARRAY_LIKE + r" \| " + _qualified(r"Iterable\[ArrayTree\]") + r" \| "
-     + _qualified(r"Mapping\[") + _qualified(r"Any, ArrayTree\]"),
-     "ArrayTree"),
+ANNOTATION_NAMES = tuple(
+  (re.compile(pattern), name)
+  for pattern, name in (
+    (
+      _ARRAY_LIKE
+      + r" \| "
+      + _qualified(r"Iterable\[ArrayTree\]")
+      + r" \| "
+      + _qualified(r"Mapping\[")
+      + _qualified(r"Any, ArrayTree\]"),
+      "ArrayTree",
+    ),
     (_ARRAY_LIKE, "~jax.typing.ArrayLike"),
-    (_qualified(r"Callable\[\[") + _qualified("Any, ") + _qualified("Any\], ")
-     + _qualified(r"Array\]"), "~sam_optax.LossFn"),
+    (
+      _qualified(r"Callable\[\[")
+      + _qualified("Any, ")
+      + _qualified(r"Any\], ")
+      + _qualified(r"Array\]"),
+      "~sam_optax.LossFn",
+    ),
     (r"\bjax\.jaxlib\._jax\.Array\b", "jax.Array"),
     # In attribute types (``:type:``), which are shown qualified.
     (r"\b(?:collections\.abc|typing)\.", ""),
     (r"\bsam_optax(?:\.\w+)*\._\w+\.", ""),
-))
+  )
+)
 
 
 def shorten(text: str | None) -> str | None:
@@ -84,17 +99,24 @@ def _modules(package: str, private: bool) -> tuple[types.ModuleType, ...]:
   """
   root = importlib.import_module(package)
   modules = [root]
-  for info in pkgutil.walk_packages(root.__path__, prefix=package + ".",
-                                    onerror=lambda name: None):
+  for info in pkgutil.walk_packages(
+    root.__path__, prefix=package + ".", onerror=lambda name: None
+  ):
     if not private and any(
-        part.startswith("_") for part in info.name.split(".")):
+      part.startswith("_") for part in info.name.split(".")
+    ):
       continue
     try:
       modules.append(importlib.import_module(info.name))
     except ImportError as error:
-      logger.warning("cannot import %s (%s); install the docs extra,"
-                     " pip install -e \".[docs]\"", info.name, error,
-                     type="public_api", once=True)
+      logger.warning(
+        "cannot import %s (%s); install the docs extra,"
+        ' pip install -e ".[docs]"',
+        info.name,
+        error,
+        type="public_api",
+        once=True,
+      )
   return tuple(modules)
 
 
@@ -102,9 +124,13 @@ def _exported(module: types.ModuleType) -> list[str]:
   """``__all__``, or else the public functions and classes defined there."""
   if hasattr(module, "__all__"):
     return list(module.__all__)
-  return [name for name, value in vars(module).items()
-          if not name.startswith("_") and callable(value)
-          and getattr(value, "__module__", None) == module.__name__]
+  return [
+    name
+    for name, value in vars(module).items()
+    if not name.startswith("_")
+    and callable(value)
+    and getattr(value, "__module__", None) == module.__name__
+  ]
 
 
 def public_names(package: str = PACKAGE) -> tuple[set[str], set[str]]:
@@ -129,9 +155,12 @@ def check_coverage(app: Sphinx, env: BuildEnvironment) -> None:
   missing += sorted(modules - set(domain.modules))
   for name in missing:
     logger.warning(
-        "%s is public (in __all__) but has no entry in the API reference;"
-        " add it to a page under docs/api/.", name,
-        type="public_api", location="api/index")
+      "%s is public (in __all__) but has no entry in the API reference;"
+      " add it to a page under docs/api/.",
+      name,
+      type="public_api",
+      location="api/index",
+    )
 
 
 def defining_attribute_doc(name: str, value: Any) -> list[str] | None:
@@ -150,8 +179,9 @@ def defining_attribute_doc(name: str, value: Any) -> list[str] | None:
   return None
 
 
-def process_docstring(app: Sphinx, what: str, name: str, obj: Any,
-                      options: Any, lines: list[str]) -> None:
+def process_docstring(
+  app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
+) -> None:
   """The defining module's docstring for constants; short attribute types."""
   del app, options
   if what == "data" and name.startswith(PACKAGE + "."):
@@ -161,10 +191,15 @@ def process_docstring(app: Sphinx, what: str, name: str, obj: Any,
   lines[:] = [shorten(line) if ":type:" in line else line for line in lines]
 
 
-def process_signature(app: Sphinx, what: str, name: str, obj: Any,
-                      options: Any, signature: str | None,
-                      return_annotation: str | None
-                      ) -> tuple[str | None, str | None]:
+def process_signature(
+  app: Sphinx,
+  what: str,
+  name: str,
+  obj: Any,
+  options: Any,
+  signature: str | None,
+  return_annotation: str | None,
+) -> tuple[str | None, str | None]:
   del app, what, name, obj, options
   return shorten(signature), shorten(return_annotation)
 
@@ -172,12 +207,17 @@ def process_signature(app: Sphinx, what: str, name: str, obj: Any,
 @functools.cache
 def private_names(package: str = PACKAGE) -> frozenset[str]:
   """Every name defined in the package's modules, private ones included."""
-  return frozenset(name for module in _modules(package, private=True)
-                   for name in vars(module) if not name.startswith("__"))
+  return frozenset(
+    name
+    for module in _modules(package, private=True)
+    for name in vars(module)
+    if not name.startswith("__")
+  )
 
 
-def private_reference(app: Sphinx, env: BuildEnvironment, node: Any,
-                      contnode: Any) -> Any:
+def private_reference(
+  app: Sphinx, env: BuildEnvironment, node: Any, contnode: Any
+) -> Any:
   """Shows a Python reference to a private name of the package as code."""
   del app, env
   if node.get("refdomain") != "py":

@@ -26,32 +26,37 @@ def options(optimizer: str, **extra: Any) -> dict[str, Any]:
 
 
 def cifar_config(
-    dataset: str, model: str, optimizer: str, **overrides: Any
+  dataset: str, model: str, optimizer: str, **overrides: Any
 ) -> config_lib.TrainConfig:
   """One run of the paper's CIFAR setup; ``overrides`` replace fields."""
   option_overrides = overrides.pop("options", {})
   config = config_lib.TrainConfig(
-      dataset=dataset,
-      model=model,
-      optimizer=config_lib.OptimizerConfig(
-          name=optimizer, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
-          rho=RHO[dataset], options=options(optimizer, **option_overrides)),
-      epochs=EPOCHS.get(optimizer, DEFAULT_EPOCHS),
-      batch_size=128,
-      eval_batch_size=500,
-      augment=True,
-      checkpoint_every=5,
+    dataset=dataset,
+    model=model,
+    optimizer=config_lib.OptimizerConfig(
+      name=optimizer,
+      learning_rate=0.1,
+      momentum=0.9,
+      weight_decay=5e-4,
+      rho=RHO[dataset],
+      options=options(optimizer, **option_overrides),
+    ),
+    epochs=EPOCHS.get(optimizer, DEFAULT_EPOCHS),
+    batch_size=128,
+    eval_batch_size=500,
+    augment=True,
+    checkpoint_every=5,
   )
   for key, value in overrides.items():
     setattr(config, key, value)
   return config
 
 
-def parse_row(row: str | None, fields: tuple[str, ...], table: str,
-              default: str) -> list[str]:
+def parse_row(
+  row: str | None, fields: tuple[str, ...], table: str, default: str
+) -> list[str]:
   """Splits ``"a,b,c"`` into ``len(fields)`` parts, with a clear error."""
   parts = (row or default).split(",")
   if len(parts) != len(fields):
-    raise ValueError(
-        f"{table}: a row is {','.join(fields)}, got {row!r}.")
+    raise ValueError(f"{table}: a row is {','.join(fields)}, got {row!r}.")
   return parts

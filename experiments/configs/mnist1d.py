@@ -16,19 +16,19 @@ Momentum-SAM (its official code's default). The main job
 from experiments import config as config_lib
 
 OPTIONS = {
-    "sgd": {},
-    "sam": {},
-    "usam": {},
-    "m_sam": {"micro_batch_size": 16},
-    "asam": {},
-    "f_sam": {},
-    "rw_sam": {"lam": 0.5},
-    "rw_asam": {"lam": 0.5},
-    "gsam": {},
-    "wsam": {},
-    "vasso": {},
-    "look_sam": {},
-    "momentum_sam": {},
+  "sgd": {},
+  "sam": {},
+  "usam": {},
+  "m_sam": {"micro_batch_size": 16},
+  "asam": {},
+  "f_sam": {},
+  "rw_sam": {"lam": 0.5},
+  "rw_asam": {"lam": 0.5},
+  "gsam": {},
+  "wsam": {},
+  "vasso": {},
+  "look_sam": {},
+  "momentum_sam": {},
 }
 RHO = {"asam": 0.5, "rw_asam": 0.5, "usam": 0.5, "momentum_sam": 0.3}
 WIDE = {"channels": 64}
@@ -47,13 +47,17 @@ def get_config(row: str | None = None) -> config_lib.TrainConfig:
   if name not in OPTIONS:
     raise ValueError(f"mnist1d: unknown row {name!r}; use one of {rows()}.")
   return config_lib.TrainConfig(
-      dataset="mnist1d",
-      model="cnn1d",
-      optimizer=config_lib.OptimizerConfig(
-          name=name, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
-          rho=RHO.get(name, 0.05),
-          options=dict(OPTIONS[name])),  # a copy: callers may edit theirs
-      epochs=60,
-      batch_size=128,
-      checkpoint_every=10,
+    dataset="mnist1d",
+    model="cnn1d",
+    optimizer=config_lib.OptimizerConfig(
+      name=name,
+      learning_rate=0.1,
+      momentum=0.9,
+      weight_decay=5e-4,
+      rho=RHO.get(name, 0.05),
+      options=dict(OPTIONS[name]),
+    ),  # a copy: callers may edit theirs
+    epochs=60,
+    batch_size=128,
+    checkpoint_every=10,
   )

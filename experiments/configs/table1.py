@@ -18,15 +18,19 @@ OPTIMIZERS = ("sgd", "sam", "rw_sam")
 
 
 def rows() -> list[str]:
-  return [",".join(row) for row in
-          itertools.product(DATASETS, MODELS, OPTIMIZERS)]
+  return [
+    ",".join(row) for row in itertools.product(DATASETS, MODELS, OPTIMIZERS)
+  ]
 
 
 def get_config(row: str | None = None) -> config_lib.TrainConfig:
   dataset, model, optimizer = _paper.parse_row(
-      row, ("dataset", "model", "optimizer"), "table1",
-      "cifar10,resnet18,sam")
-  if (dataset not in DATASETS or model not in MODELS
-      or optimizer not in OPTIMIZERS):
+    row, ("dataset", "model", "optimizer"), "table1", "cifar10,resnet18,sam"
+  )
+  if (
+    dataset not in DATASETS
+    or model not in MODELS
+    or optimizer not in OPTIMIZERS
+  ):
     raise ValueError(f"table1: unknown row {row!r}; rows: {rows()}.")
   return _paper.cifar_config(dataset, model, optimizer)

@@ -22,9 +22,11 @@ def rows() -> list[str]:
 
 
 def get_config(row: str | None = None) -> config_lib.TrainConfig:
-  rate, optimizer = _paper.parse_row(row, ("rate", "optimizer"), "table4",
-                                     "0.8,rw_sam")
+  rate, optimizer = _paper.parse_row(
+    row, ("rate", "optimizer"), "table4", "0.8,rw_sam"
+  )
   if rate not in RATES or optimizer not in OPTIMIZERS:
     raise ValueError(f"table4: unknown row {row!r}; rows: {rows()}.")
-  return _paper.cifar_config("cifar10", "resnet18", optimizer,
-                             label_noise=float(rate))
+  return _paper.cifar_config(
+    "cifar10", "resnet18", optimizer, label_noise=float(rate)
+  )

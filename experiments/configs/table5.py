@@ -18,5 +18,6 @@ def get_config(row: str | None = None) -> config_lib.TrainConfig:
   lam = row or "0.5"
   if lam not in LAMBDAS:
     raise ValueError(f"table5: unknown row {row!r}; rows: {rows()}.")
-  return _paper.cifar_config("cifar100", "resnet18", "rw_sam",
-                             options={"lam": float(lam)})
+  return _paper.cifar_config(
+    "cifar100", "resnet18", "rw_sam", options={"lam": float(lam)}
+  )

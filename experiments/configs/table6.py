@@ -21,5 +21,6 @@ def get_config(row: str | None = None) -> config_lib.TrainConfig:
   optimizer = row or "rw_sam"
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"table6: unknown row {row!r}; rows: {rows()}.")
-  return _paper.cifar_config("cifar100", "resnet18", optimizer,
-                             noise_trace_examples=EXAMPLES)
+  return _paper.cifar_config(
+    "cifar100", "resnet18", optimizer, noise_trace_examples=EXAMPLES
+  )

@@ -17,9 +17,11 @@ MICRO_BATCH_SIZES = ("64", "32", "16", "8")
 
 
 def rows() -> list[str]:
-  return (["sam", "usam", "rw_sam"]
-          + [f"m_sam,{m}" for m in MICRO_BATCH_SIZES]
-          + [f"m_usam,{m}" for m in MICRO_BATCH_SIZES])
+  return (
+    ["sam", "usam", "rw_sam"]
+    + [f"m_sam,{m}" for m in MICRO_BATCH_SIZES]
+    + [f"m_usam,{m}" for m in MICRO_BATCH_SIZES]
+  )
 
 
 def get_config(row: str | None = None) -> config_lib.TrainConfig:
@@ -29,8 +31,10 @@ def get_config(row: str | None = None) -> config_lib.TrainConfig:
   name, _, micro_batch_size = row.partition(",")
   if not micro_batch_size:
     return _paper.cifar_config("cifar100", "resnet18", name)
-  options = {"micro_batch_size": int(micro_batch_size),
-             "implementation": "vmap"}
+  options = {
+    "micro_batch_size": int(micro_batch_size),
+    "implementation": "vmap",
+  }
   if name == "m_usam":
     options["normalize"] = False
   return _paper.cifar_config("cifar100", "resnet18", "m_sam", options=options)

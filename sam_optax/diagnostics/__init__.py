@@ -49,16 +49,16 @@ from sam_optax.diagnostics._noise import MicroBatchGradients
 from sam_optax.diagnostics._noise import sample_micro_batch_gradients
 
 __all__ = (
-    "Estimate",
-    "GradientNoise",
-    "HessianEigenpair",
-    "MicroBatchGradients",
-    "gradient_noise",
-    "hessian_top_eigenpair",
-    "hessian_trace",
-    "hessian_vector_product",
-    "mean_gradient",
-    "micro_batch_coefficient",
-    "micro_batch_gradient_sq_norm",
-    "sample_micro_batch_gradients",
+  "Estimate",
+  "GradientNoise",
+  "HessianEigenpair",
+  "MicroBatchGradients",
+  "gradient_noise",
+  "hessian_top_eigenpair",
+  "hessian_trace",
+  "hessian_vector_product",
+  "mean_gradient",
+  "micro_batch_coefficient",
+  "micro_batch_gradient_sq_norm",
+  "sample_micro_batch_gradients",
 )

@@ -38,7 +38,7 @@ def take_examples(data: Data, start: int, stop: int) -> Data:
 
 
 def dataset_sum(
-    chunk_sum: Callable[[Data], Any], data: Data, chunk_size: int | None
+  chunk_sum: Callable[[Data], Any], data: Data, chunk_size: int | None
 ) -> Any:
   """``Σ_chunks chunk_sum(chunk)``, ``chunk_size`` examples at a time.
 

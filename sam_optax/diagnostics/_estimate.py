@@ -24,6 +24,6 @@ def from_samples(samples: jax.Array) -> Estimate:
   samples = jnp.asarray(samples, jnp.float32)
   count = samples.shape[0]
   return Estimate(
-      mean=jnp.mean(samples),
-      standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(count),
+    mean=jnp.mean(samples),
+    standard_error=jnp.std(samples, ddof=1) / jnp.sqrt(count),
   )

@@ -23,11 +23,12 @@ from sam_optax.diagnostics import _estimate
 def _tangent(vector: Any, params: Any) -> Any:
   """``vector`` in the parameters' dtypes (as ``jax.jvp`` needs)."""
   return jax.tree.map(
-      lambda v, w: jnp.asarray(v).astype(jnp.result_type(w)), vector, params)
+    lambda v, w: jnp.asarray(v).astype(jnp.result_type(w)), vector, params
+  )
 
 
 def _chunk_hvp(
-    loss_fn: _contract.LossFn, params: Any, chunk: Any, tangent: Any
+  loss_fn: _contract.LossFn, params: Any, chunk: Any, tangent: Any
 ) -> Any:
   """``Σ_{i∈chunk} ∇²ℓ_i(w) v``, forward-over-reverse, float32."""
 
@@ -43,7 +44,7 @@ _chunk_hvp_jit = jax.jit(_chunk_hvp, static_argnums=0)
 
 @functools.partial(jax.jit, static_argnums=0)
 def _chunk_quadratic_forms(
-    loss_fn: _contract.LossFn, params: Any, chunk: Any, probes: Any
+  loss_fn: _contract.LossFn, params: Any, chunk: Any, probes: Any
 ) -> jax.Array:
   """``Σ_{i∈chunk} v_kᵀ ∇²ℓ_i(w) v_k`` for each probe ``v_k`` (leading axis)."""
 
@@ -56,28 +57,32 @@ def _chunk_quadratic_forms(
 
 @jax.jit
 def _rademacher_probes(keys: jax.Array, params: Any) -> Any:
-  return jax.vmap(lambda key: _per_example.rademacher_like(key, params))(
-      keys)
+  return jax.vmap(lambda key: _per_example.rademacher_like(key, params))(keys)
 
 
 def _hvp(
-    loss_fn: _contract.LossFn, params: Any, data: Any, vector: Any,
-    chunk_size: int | None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  vector: Any,
+  chunk_size: int | None,
 ) -> Any:
   tangent = _tangent(vector, params)
   total = _dataset.dataset_sum(
-      lambda chunk: _chunk_hvp_jit(loss_fn, params, chunk, tangent), data,
-      chunk_size)
+    lambda chunk: _chunk_hvp_jit(loss_fn, params, chunk, tangent),
+    data,
+    chunk_size,
+  )
   return optax.tree.scale(1.0 / _dataset.num_examples(data), total)
 
 
 def hessian_vector_product(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    vector: Any,
-    *,
-    chunk_size: int | None = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  vector: Any,
+  *,
+  chunk_size: int | None = None,
 ) -> Any:
   r"""``H v`` with ``H = ∇²L(w)``, ``L = mean_i ℓ_i`` over ``data``.
 
@@ -97,20 +102,21 @@ def hessian_vector_product(
   name = "hessian_vector_product"
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
   _contract.check_same_structure(vector, params, "vector", name)
   return _hvp(loss_fn, params, data, vector, chunk_size)
 
 
 def hessian_trace(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    key: jax.Array,
-    *,
-    num_probes: int = 64,
-    chunk_size: int | None = None,
-    probe_chunk_size: int | None = 1,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  key: jax.Array,
+  *,
+  num_probes: int = 64,
+  chunk_size: int | None = None,
+  probe_chunk_size: int | None = 1,
 ) -> _estimate.Estimate:
   r"""Hutchinson's estimate of ``tr H``, with its standard error.
 
@@ -141,29 +147,44 @@ def hessian_trace(
   name = "hessian_trace"
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
-  num_probes = _contract.check_integer(num_probes, "num_probes", name,
-                                      minimum=2, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
+  num_probes = _contract.check_integer(
+    num_probes, "num_probes", name, minimum=2, static_hint=False
+  )
   if probe_chunk_size is not None:
     probe_chunk_size = _contract.check_integer(
-        probe_chunk_size, "probe_chunk_size", name, static_hint=False)
+      probe_chunk_size, "probe_chunk_size", name, static_hint=False
+    )
 
-  return _hutchinson(loss_fn, params, data, key, num_probes, chunk_size,
-                     probe_chunk_size)
+  return _hutchinson(
+    loss_fn, params, data, key, num_probes, chunk_size, probe_chunk_size
+  )
 
 
 def _hutchinson(
-    loss_fn: _contract.LossFn, params: Any, data: Any, key: jax.Array,
-    num_probes: int, chunk_size: int | None, probe_chunk_size: int | None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  key: jax.Array,
+  num_probes: int,
+  chunk_size: int | None,
+  probe_chunk_size: int | None,
 ) -> _estimate.Estimate:
   keys = jax.random.split(key, num_probes)
   group = num_probes if probe_chunk_size is None else probe_chunk_size
   forms = []
   for start in range(0, num_probes, group):
-    probes = _rademacher_probes(keys[start:start + group], params)
-    forms.append(_dataset.dataset_sum(
-        lambda chunk: _chunk_quadratic_forms(loss_fn, params, chunk, probes),
-        data, chunk_size))
+    probes = _rademacher_probes(keys[start : start + group], params)
+    forms.append(
+      _dataset.dataset_sum(
+        lambda chunk, probes=probes: _chunk_quadratic_forms(
+          loss_fn, params, chunk, probes
+        ),
+        data,
+        chunk_size,
+      )
+    )
   samples = jnp.concatenate(forms) / _dataset.num_examples(data)
   return _estimate.from_samples(samples)
 
@@ -199,19 +220,19 @@ def _lanczos_init(start: jax.Array, num_iterations: int) -> _LanczosState:
   dim, dtype = start.shape[0], start.dtype
   start_norm = jnp.linalg.norm(start)
   return _LanczosState(
-      basis=jnp.zeros((num_iterations, dim), dtype),
-      alphas=jnp.zeros((num_iterations,), dtype),
-      betas=jnp.zeros((num_iterations,), dtype),
-      vector=start / jnp.where(start_norm > 0, start_norm, 1),
-      active=start_norm > 0,
-      num_active=jnp.zeros((), jnp.int32),
-      scale=jnp.zeros((), dtype),
+    basis=jnp.zeros((num_iterations, dim), dtype),
+    alphas=jnp.zeros((num_iterations,), dtype),
+    betas=jnp.zeros((num_iterations,), dtype),
+    vector=start / jnp.where(start_norm > 0, start_norm, 1),
+    active=start_norm > 0,
+    num_active=jnp.zeros((), jnp.int32),
+    scale=jnp.zeros((), dtype),
   )
 
 
 @jax.jit
 def _lanczos_step(
-    state: _LanczosState, product: jax.Array, index: jax.Array
+  state: _LanczosState, product: jax.Array, index: jax.Array
 ) -> _LanczosState:
   """Lanczos step ``index``, given ``product = H q``, ``q = state.vector``."""
   q = state.vector
@@ -224,22 +245,21 @@ def _lanczos_step(
   w = w - basis.T @ (basis @ w)
   beta = jnp.linalg.norm(w)
   # Invariant Krylov space: its Ritz values are exact eigenvalues; stop.
-  next_active = state.active & (
-      beta > 100 * jnp.finfo(w.dtype).eps * scale)
+  next_active = state.active & (beta > 100 * jnp.finfo(w.dtype).eps * scale)
   return _LanczosState(
-      basis=basis,
-      alphas=state.alphas.at[index].set(jnp.where(state.active, alpha, 0)),
-      betas=state.betas.at[index].set(jnp.where(state.active, beta, 0)),
-      vector=jnp.where(next_active, w / jnp.where(next_active, beta, 1), 0),
-      active=next_active,
-      num_active=state.num_active + state.active.astype(jnp.int32),
-      scale=scale,
+    basis=basis,
+    alphas=state.alphas.at[index].set(jnp.where(state.active, alpha, 0)),
+    betas=state.betas.at[index].set(jnp.where(state.active, beta, 0)),
+    vector=jnp.where(next_active, w / jnp.where(next_active, beta, 1), 0),
+    active=next_active,
+    num_active=state.num_active + state.active.astype(jnp.int32),
+    scale=scale,
   )
 
 
 @jax.jit
 def _lanczos_top_pair(
-    state: _LanczosState,
+  state: _LanczosState,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The top Ritz value and vector, and the residual norm ``β_j |y_j|``."""
   num_iterations = state.alphas.shape[0]
@@ -247,24 +267,29 @@ def _lanczos_top_pair(
   in_block = index < state.num_active
   # Steps after a breakdown get a diagonal strictly below every eigenvalue of
   # the active block (Gershgorin), so they change neither its top pair.
-  floor = (jnp.min(jnp.where(in_block, state.alphas, jnp.inf))
-           - 2 * jnp.max(state.betas) - 1)
+  floor = (
+    jnp.min(jnp.where(in_block, state.alphas, jnp.inf))
+    - 2 * jnp.max(state.betas)
+    - 1
+  )
   diagonal = jnp.where(in_block, state.alphas, floor)
   off_diagonal = jnp.where(index[1:] < state.num_active, state.betas[:-1], 0)
-  tridiagonal = (jnp.diag(diagonal) + jnp.diag(off_diagonal, 1)
-                 + jnp.diag(off_diagonal, -1))
+  tridiagonal = (
+    jnp.diag(diagonal) + jnp.diag(off_diagonal, 1) + jnp.diag(off_diagonal, -1)
+  )
   values, vectors = jnp.linalg.eigh(tridiagonal)
   ritz = vectors[:, -1]
   last = jnp.maximum(state.num_active - 1, 0)
   residual_norm = jnp.abs(state.betas[last] * ritz[last])
   top_vector = state.basis.T @ jnp.where(in_block, ritz, 0)
-  top_vector = top_vector / jnp.maximum(jnp.linalg.norm(top_vector),
-                                        jnp.finfo(top_vector.dtype).tiny)
+  top_vector = top_vector / jnp.maximum(
+    jnp.linalg.norm(top_vector), jnp.finfo(top_vector.dtype).tiny
+  )
   return values[-1], top_vector, residual_norm
 
 
 def _lanczos_top(
-    matvec: Any, start: jax.Array, num_iterations: int
+  matvec: Any, start: jax.Array, num_iterations: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The top Ritz pair of a symmetric operator on flat vectors, and residual.
 
@@ -289,13 +314,13 @@ def _lanczos_top(
 
 
 def hessian_top_eigenpair(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    key: jax.Array,
-    *,
-    num_iterations: int = 20,
-    chunk_size: int | None = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  key: jax.Array,
+  *,
+  num_iterations: int = 20,
+  chunk_size: int | None = None,
 ) -> HessianEigenpair:
   r"""The largest eigenvalue ``λ_max`` of ``H`` and its eigenvector, by Lanczos.
 
@@ -324,16 +349,21 @@ def hessian_top_eigenpair(
   name = "hessian_top_eigenpair"
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
   num_iterations = _contract.check_integer(
-      num_iterations, "num_iterations", name, static_hint=False)
-  return _top_eigenpair(loss_fn, params, data, key, num_iterations,
-                        chunk_size)
+    num_iterations, "num_iterations", name, static_hint=False
+  )
+  return _top_eigenpair(loss_fn, params, data, key, num_iterations, chunk_size)
 
 
 def _top_eigenpair(
-    loss_fn: _contract.LossFn, params: Any, data: Any, key: jax.Array,
-    num_iterations: int, chunk_size: int | None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  key: jax.Array,
+  num_iterations: int,
+  chunk_size: int | None,
 ) -> HessianEigenpair:
   like = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
   flat, unravel = jax.flatten_util.ravel_pytree(like)
@@ -345,5 +375,6 @@ def _top_eigenpair(
 
   start = jax.random.normal(key, (dim,), jnp.float32)
   value, vector, residual_norm = _lanczos_top(
-      matvec, start, min(num_iterations, dim))
+    matvec, start, min(num_iterations, dim)
+  )
   return HessianEigenpair(value, unravel(vector), residual_norm)

@@ -41,29 +41,30 @@ def _total_loss(loss_fn: _contract.LossFn, params: Any, batch: Any):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _chunk_gradient(
-    loss_fn: _contract.LossFn, params: Any, chunk: Any
-) -> Any:
+def _chunk_gradient(loss_fn: _contract.LossFn, params: Any, chunk: Any) -> Any:
   """``Σ_{i∈chunk} ∇ℓ_i(w)`` (float32), one backward pass."""
   gradient = jax.grad(_total_loss, argnums=1)(loss_fn, params, chunk)
   return optax.tree.cast(gradient, jnp.float32)
 
 
 def _dataset_mean_gradient(
-    loss_fn: _contract.LossFn, params: Any, data: Any,
-    chunk_size: int | None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  chunk_size: int | None,
 ) -> Any:
   total = _dataset.dataset_sum(
-      lambda chunk: _chunk_gradient(loss_fn, params, chunk), data, chunk_size)
+    lambda chunk: _chunk_gradient(loss_fn, params, chunk), data, chunk_size
+  )
   return optax.tree.scale(1.0 / _dataset.num_examples(data), total)
 
 
 def mean_gradient(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    *,
-    chunk_size: int | None = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  *,
+  chunk_size: int | None = None,
 ) -> Any:
   """``∇L(w)`` with ``L = mean_i ℓ_i`` over ``data`` (float32 leaves).
 
@@ -76,7 +77,8 @@ def mean_gradient(
   name = "mean_gradient"
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
   return _dataset_mean_gradient(loss_fn, params, data, chunk_size)
 
 
@@ -95,11 +97,11 @@ class GradientNoise(NamedTuple):
 
 
 def gradient_noise(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    *,
-    chunk_size: int | None = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  *,
+  chunk_size: int | None = None,
 ) -> GradientNoise:
   r"""The trace of the gradient-noise covariance, ``tr Σ``, over a dataset.
 
@@ -124,42 +126,53 @@ def gradient_noise(
   name = "gradient_noise"
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
   return _gradient_noise(loss_fn, params, data, chunk_size)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _chunk_sq_deviations(
-    loss_fn: _contract.LossFn, params: Any, chunk: Any, mean: Any
+  loss_fn: _contract.LossFn, params: Any, chunk: Any, mean: Any
 ) -> jax.Array:
   """``Σ_{i∈chunk} ‖∇ℓ_i(w) − mean‖²``, from per-example gradients."""
   sq_deviations = _per_example.map_per_example_gradients(
-      lambda gradient: _sq_norm(optax.tree.sub(gradient, mean)),
-      loss_fn, params, chunk)
+    lambda gradient: _sq_norm(optax.tree.sub(gradient, mean)),
+    loss_fn,
+    params,
+    chunk,
+  )
   return jnp.sum(sq_deviations)
 
 
 def _gradient_noise(
-    loss_fn: _contract.LossFn, params: Any, data: Any, chunk_size: int | None
+  loss_fn: _contract.LossFn, params: Any, data: Any, chunk_size: int | None
 ) -> GradientNoise:
   gradient = _dataset_mean_gradient(loss_fn, params, data, chunk_size)
   total = _dataset.dataset_sum(
-      lambda chunk: _chunk_sq_deviations(loss_fn, params, chunk, gradient),
-      data, chunk_size)
+    lambda chunk: _chunk_sq_deviations(loss_fn, params, chunk, gradient),
+    data,
+    chunk_size,
+  )
   trace = total / _dataset.num_examples(data)
   return GradientNoise(trace, gradient, _sq_norm(gradient))
 
 
-def _check_micro_batch_size(micro_batch_size: Any, size: int,
-                            with_replacement: bool, name: str) -> int:
+def _check_micro_batch_size(
+  micro_batch_size: Any, size: int, with_replacement: bool, name: str
+) -> int:
   # Without replacement, a micro-batch has at most the N examples there are.
   return _contract.check_integer(
-      micro_batch_size, "micro_batch_size", name,
-      maximum=None if with_replacement else size, static_hint=False)
+    micro_batch_size,
+    "micro_batch_size",
+    name,
+    maximum=None if with_replacement else size,
+    static_hint=False,
+  )
 
 
 def micro_batch_coefficient(
-    micro_batch_size: int, num_examples: int, *, with_replacement: bool = False
+  micro_batch_size: int, num_examples: int, *, with_replacement: bool = False
 ) -> float:
   """``c_m`` in ``E_S‖g_S‖² = ‖∇L‖² + c_m tr Σ``.
 
@@ -173,8 +186,8 @@ def micro_batch_coefficient(
     with_replacement: draws with (True) or without (False) replacement.
   """
   micro_batch_size = _check_micro_batch_size(
-      micro_batch_size, num_examples, with_replacement,
-                          "micro_batch_coefficient")
+    micro_batch_size, num_examples, with_replacement, "micro_batch_coefficient"
+  )
   m, n = micro_batch_size, num_examples
   if with_replacement:
     return 1.0 / m
@@ -184,13 +197,13 @@ def micro_batch_coefficient(
 
 
 def micro_batch_gradient_sq_norm(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    micro_batch_size: int,
-    *,
-    with_replacement: bool = False,
-    chunk_size: int | None = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  micro_batch_size: int,
+  *,
+  with_replacement: bool = False,
+  chunk_size: int | None = None,
 ) -> jax.Array:
   r"""The m-sharpness quantity ``E_S‖g_S‖²``, exactly, over all ``|S| = m``.
 
@@ -218,7 +231,8 @@ def micro_batch_gradient_sq_norm(
   name = "micro_batch_gradient_sq_norm"
   size = _contract.check_per_example_losses(loss_fn, params, data, name)
   coefficient = micro_batch_coefficient(
-      micro_batch_size, size, with_replacement=with_replacement)
+    micro_batch_size, size, with_replacement=with_replacement
+  )
   noise = gradient_noise(loss_fn, params, data, chunk_size=chunk_size)
   return noise.mean_gradient_sq_norm + coefficient * noise.trace
 
@@ -238,15 +252,15 @@ class MicroBatchGradients(NamedTuple):
 
 
 def sample_micro_batch_gradients(
-    loss_fn: _contract.LossFn,
-    params: Any,
-    data: Any,
-    micro_batch_size: int,
-    key: jax.Array,
-    *,
-    num_samples: int = 256,
-    chunk_size: int | None = None,
-    full_gradient: Any = None,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  micro_batch_size: int,
+  key: jax.Array,
+  *,
+  num_samples: int = 256,
+  chunk_size: int | None = None,
+  full_gradient: Any = None,
 ) -> MicroBatchGradients:
   """Monte Carlo statistics of ``g_S`` over random micro-batches of size ``m``.
 
@@ -276,22 +290,36 @@ def sample_micro_batch_gradients(
   name = "sample_micro_batch_gradients"
   size = _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
-      chunk_size, "chunk_size", name, optional=True, static_hint=False)
-  micro_batch_size = _check_micro_batch_size(micro_batch_size, size, False,
-                                            name)
-  num_samples = _contract.check_integer(num_samples, "num_samples", name,
-                                       minimum=2, static_hint=False)
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
+  micro_batch_size = _check_micro_batch_size(
+    micro_batch_size, size, False, name
+  )
+  num_samples = _contract.check_integer(
+    num_samples, "num_samples", name, minimum=2, static_hint=False
+  )
   if full_gradient is not None:
-    _contract.check_same_structure(full_gradient, params, "full_gradient",
-                                   name)
-  return _sample_micro_batches(loss_fn, params, data, micro_batch_size, key,
-                               num_samples, chunk_size, full_gradient)
+    _contract.check_same_structure(full_gradient, params, "full_gradient", name)
+  return _sample_micro_batches(
+    loss_fn,
+    params,
+    data,
+    micro_batch_size,
+    key,
+    num_samples,
+    chunk_size,
+    full_gradient,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _micro_batch_norms(
-    loss_fn: _contract.LossFn, params: Any, data: Any, micro_batch_size: int,
-    keys: jax.Array, full_gradient: Any,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  micro_batch_size: int,
+  keys: jax.Array,
+  full_gradient: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """``‖g_S‖²`` and ``‖g_S − ∇L‖`` for one random micro-batch per key."""
   size = _dataset.num_examples(data)
@@ -303,32 +331,47 @@ def _micro_batch_norms(
     _, index = jax.lax.top_k(random_keys, micro_batch_size)
     micro_batch = jax.tree.map(lambda x: x[index], data)
     gradient = _contract.mean_gradient(loss_fn, params, micro_batch)
-    noise = optax.tree.sub(optax.tree.cast(gradient, jnp.float32),
-                           full_gradient)
+    noise = optax.tree.sub(
+      optax.tree.cast(gradient, jnp.float32), full_gradient
+    )
     return _sq_norm(gradient), jnp.sqrt(_sq_norm(noise))
 
   return jax.vmap(one_micro_batch)(keys)
 
 
 def _sample_micro_batches(
-    loss_fn: _contract.LossFn, params: Any, data: Any, micro_batch_size: int,
-    key: jax.Array, num_samples: int, chunk_size: int | None,
-    full_gradient: Any,
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Any,
+  micro_batch_size: int,
+  key: jax.Array,
+  num_samples: int,
+  chunk_size: int | None,
+  full_gradient: Any,
 ) -> MicroBatchGradients:
   if full_gradient is None:
     full_gradient = _dataset_mean_gradient(loss_fn, params, data, chunk_size)
   full_gradient = optax.tree.cast(full_gradient, jnp.float32)
   data = jax.device_put(data)  # micro-batches are gathered on the device
   keys = jax.random.split(key, num_samples)
-  group = num_samples if chunk_size is None else max(
-      1, chunk_size // micro_batch_size)
+  group = (
+    num_samples
+    if chunk_size is None
+    else max(1, chunk_size // micro_batch_size)
+  )
   sq_norms, noise_norms = [], []
   for start in range(0, num_samples, group):
     sq_norm, noise_norm = _micro_batch_norms(
-        loss_fn, params, data, micro_batch_size, keys[start:start + group],
-        full_gradient)
+      loss_fn,
+      params,
+      data,
+      micro_batch_size,
+      keys[start : start + group],
+      full_gradient,
+    )
     sq_norms.append(sq_norm)
     noise_norms.append(noise_norm)
   return MicroBatchGradients(
-      _estimate.from_samples(jnp.concatenate(sq_norms)),
-      _estimate.from_samples(jnp.concatenate(noise_norms)))
+    _estimate.from_samples(jnp.concatenate(sq_norms)),
+    _estimate.from_samples(jnp.concatenate(noise_norms)),
+  )

@@ -48,8 +48,8 @@ from sam_optax.flax._linen import LinenCleanPass
 from sam_optax.flax._nnx import nnx_loss_fn
 
 __all__ = (
-    "LinenCleanPass",
-    "linen_clean_pass",
-    "linen_loss_fn",
-    "nnx_loss_fn",
+  "LinenCleanPass",
+  "linen_clean_pass",
+  "linen_loss_fn",
+  "nnx_loss_fn",
 )

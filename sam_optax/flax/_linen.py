@@ -42,8 +42,14 @@ class LinenCleanPass(NamedTuple):
   batch_stats: Any
 
 
-def _run(apply_fn: ApplyFn, per_example_loss: PerExampleLoss, params: Any,
-         batch: Any, batch_stats: Any, rngs: Rngs) -> tuple[jax.Array, Any]:
+def _run(
+  apply_fn: ApplyFn,
+  per_example_loss: PerExampleLoss,
+  params: Any,
+  batch: Any,
+  batch_stats: Any,
+  rngs: Rngs,
+) -> tuple[jax.Array, Any]:
   """``(losses, updated batch_stats)`` of one pass of the model."""
   variables = {"params": params}
   if batch_stats is not None:
@@ -53,8 +59,9 @@ def _run(apply_fn: ApplyFn, per_example_loss: PerExampleLoss, params: Any,
   def model(*args: Any, **kwargs: Any) -> Any:
     if batch_stats is None:
       return apply_fn(variables, *args, rngs=rngs, **kwargs)
-    outputs, mutated = apply_fn(variables, *args, rngs=rngs,
-                                mutable=["batch_stats"], **kwargs)
+    outputs, mutated = apply_fn(
+      variables, *args, rngs=rngs, mutable=["batch_stats"], **kwargs
+    )
     updated["batch_stats"] = mutated.get("batch_stats", batch_stats)
     return outputs
 
@@ -63,11 +70,11 @@ def _run(apply_fn: ApplyFn, per_example_loss: PerExampleLoss, params: Any,
 
 
 def linen_loss_fn(
-    apply_fn: ApplyFn,
-    per_example_loss: PerExampleLoss,
-    *,
-    batch_stats: Any = None,
-    rngs: Rngs = None,
+  apply_fn: ApplyFn,
+  per_example_loss: PerExampleLoss,
+  *,
+  batch_stats: Any = None,
+  rngs: Rngs = None,
 ) -> _contract.LossFn:
   """The pure ``loss_fn(params, batch) -> [B]`` of a Linen model.
 
@@ -123,8 +130,7 @@ def linen_loss_fn(
   """
 
   def loss_fn(params: Any, batch: Any) -> jax.Array:
-    return _run(apply_fn, per_example_loss, params, batch, batch_stats,
-                rngs)[0]
+    return _run(apply_fn, per_example_loss, params, batch, batch_stats, rngs)[0]
 
   coupled = batch_stats is not None or bool(rngs)
   setattr(loss_fn, _per_example.COUPLES_EXAMPLES, coupled)
@@ -132,13 +138,13 @@ def linen_loss_fn(
 
 
 def linen_clean_pass(
-    apply_fn: ApplyFn,
-    per_example_loss: PerExampleLoss,
-    params: Any,
-    batch: Any,
-    *,
-    batch_stats: Any = None,
-    rngs: Rngs = None,
+  apply_fn: ApplyFn,
+  per_example_loss: PerExampleLoss,
+  params: Any,
+  batch: Any,
+  *,
+  batch_stats: Any = None,
+  rngs: Rngs = None,
 ) -> LinenCleanPass:
   """The clean pass at ``w``: losses, mean gradient and updated statistics.
 
@@ -160,10 +166,12 @@ def linen_clean_pass(
   """
 
   def mean_loss(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-    losses, new_stats = _run(apply_fn, per_example_loss, p, batch,
-                             batch_stats, rngs)
+    losses, new_stats = _run(
+      apply_fn, per_example_loss, p, batch, batch_stats, rngs
+    )
     return jnp.mean(losses.astype(jnp.float32)), (losses, new_stats)
 
-  (_, (losses, new_stats)), grads = jax.value_and_grad(
-      mean_loss, has_aux=True)(params)
+  (_, (losses, new_stats)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+    params
+  )
   return LinenCleanPass(losses, grads, new_stats)

@@ -33,8 +33,11 @@ def _draw_pass_streams(model: nnx.Module) -> nnx.Module:
   every pass run on the copy's state draws the same masks, and no pass
   repeats the clean pass's or another step's.
   """
-  streams = {path: node for path, node in nnx.iter_graph(model)
-             if isinstance(node, nnx.RngStream)}
+  streams = {
+    path: node
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.RngStream)
+  }
   copy = nnx.clone(model)
   for path, node in nnx.iter_graph(copy):
     if isinstance(node, nnx.RngStream):
@@ -52,16 +55,18 @@ def _couples_examples(model: nnx.Module) -> bool:
   are drawn for the whole batch); ``model.eval()`` turns both off.
   """
   return any(
-      getattr(node, "use_running_average", None) is False
-      or getattr(node, "deterministic", None) is False
-      for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module))
+    getattr(node, "use_running_average", None) is False
+    or getattr(node, "deterministic", None) is False
+    for _, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Module)
+  )
 
 
 def nnx_loss_fn(
-    model: nnx.Module,
-    per_example_loss: PerExampleLoss,
-    *,
-    wrt: Any = nnx.Param,
+  model: nnx.Module,
+  per_example_loss: PerExampleLoss,
+  *,
+  wrt: Any = nnx.Param,
 ) -> _contract.LossFn:
   """The pure ``loss_fn(params, batch) -> [B]`` of an NNX model.
 
@@ -145,8 +150,9 @@ def nnx_loss_fn(
   coupled = _couples_examples(model)
 
   def loss_fn(params: nnx.State, batch: Any) -> jax.Array:
-    return per_example_loss(nnx.merge(graphdef, params, state, copy=True),
-                            batch)
+    return per_example_loss(
+      nnx.merge(graphdef, params, state, copy=True), batch
+    )
 
   setattr(loss_fn, _per_example.COUPLES_EXAMPLES, coupled)
   return loss_fn
