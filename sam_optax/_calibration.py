@@ -167,7 +167,7 @@ def calibrate_sigma(
 
   scale = jnp.mean(exact_norms) + _perturbation.NORM_EPS
   sigmas = jnp.asarray(candidates, jnp.float32)
-  finite_difference_errors, norm_errors = [], []
+  finite_difference_error_list, norm_error_list = [], []
   for c in range(len(candidates)):
     directional = jnp.stack(
       [
@@ -175,12 +175,12 @@ def calibrate_sigma(
         for k in range(num_probes)
       ]
     )
-    finite_difference_errors.append(
+    finite_difference_error_list.append(
       jnp.mean(jnp.abs(directional - exact_directional)) / scale
     )
     norms = jnp.sqrt(jnp.mean(jnp.square(directional), axis=0))
-    norm_errors.append(jnp.mean(jnp.abs(norms - exact_norms)) / scale)
-  finite_difference_errors = jnp.stack(finite_difference_errors)
+    norm_error_list.append(jnp.mean(jnp.abs(norms - exact_norms)) / scale)
+  finite_difference_errors = jnp.stack(finite_difference_error_list)
   monte_carlo_norms = jnp.sqrt(jnp.mean(jnp.square(exact_directional), axis=0))
   best = jnp.argmin(
     jnp.where(
@@ -191,7 +191,7 @@ def calibrate_sigma(
     sigma=sigmas[best],
     candidates=sigmas,
     finite_difference_errors=finite_difference_errors,
-    norm_errors=jnp.stack(norm_errors),
+    norm_errors=jnp.stack(norm_error_list),
     monte_carlo_error=jnp.mean(jnp.abs(monte_carlo_norms - exact_norms))
     / scale,
     exact_norms=exact_norms,

@@ -15,7 +15,7 @@ problem.
 from collections.abc import Callable
 import math
 import operator
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +142,7 @@ def check_same_structure(
 
   ``hint`` (a sentence) ends the message: what to do instead.
   """
-  if jax.tree.structure(tree) != jax.tree.structure(reference):
+  if jax.tree.structure(tree) != jax.tree.structure(reference):  # type: ignore[operator]
     raise ValueError(
       f"{transform_name}: `{argument}` must have the structure of"
       f" `{reference_name}`; got {jax.tree.structure(tree)} and"
@@ -275,6 +275,32 @@ def check_number(
 def check_rho(rho: ArrayLike, transform_name: str) -> None:
   """``rho`` must be a finite number ``>= 0`` (traced values pass)."""
   check_number(rho, "rho", transform_name, minimum=0)
+
+
+@overload
+def check_integer(
+  value: Any,
+  argument: str,
+  transform_name: str,
+  *,
+  minimum: int = ...,
+  maximum: int | None = ...,
+  optional: Literal[False] = ...,
+  static_hint: bool = ...,
+) -> int: ...
+
+
+@overload
+def check_integer(
+  value: Any,
+  argument: str,
+  transform_name: str,
+  *,
+  minimum: int = ...,
+  maximum: int | None = ...,
+  optional: bool,
+  static_hint: bool = ...,
+) -> int | None: ...
 
 
 def check_integer(

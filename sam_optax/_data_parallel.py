@@ -117,10 +117,10 @@ def _check_batch_axes(
     mesh_axes.index(a) if a in mesh_axes else len(mesh_axes),
     str(a),
   )
-  missing = tuple(sorted(missing, key=order))
-  every = tuple(sorted(set(axes) | set(missing), key=order))
+  missing_axes = tuple(sorted(missing, key=order))
+  every = tuple(sorted(set(axes) | set(missing_axes), key=order))
   raise ValueError(
-    f"{name}: the batch varies over the mesh axes {missing}, which are not"
+    f"{name}: the batch varies over the mesh axes {missing_axes}, which are not"
     f" in axis_name={axes}; the gradient with respect to the replicated"
     " params would be summed over them (scaled by their size). Pass every"
     f" axis the batch is sharded over, e.g. axis_name={every}."
@@ -235,6 +235,7 @@ def data_parallel_m_sam(
   name = "data_parallel_m_sam"
   _contract.check_rho(rho, name)
   axes = _sharding.as_axes(axis_name)
+  sync_axes: tuple[Hashable, ...]
   if sync_perturbation is False:
     sync_axes = ()
   elif sync_perturbation is True:

@@ -20,7 +20,7 @@ class FriendlyAscentState(NamedTuple):
     momentum: ``m``, the EMA of clean gradients estimating the full gradient.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   momentum: optax.Updates
 
 

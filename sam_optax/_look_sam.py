@@ -23,7 +23,7 @@ class LookSamState(NamedTuple):
       orthogonal to its clean gradient (zeros before the first step).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   orthogonal: optax.Updates
 
 

@@ -104,8 +104,7 @@ def _mean_of_chunk(
   name: str,
 ) -> Any:
   """``(1/c) Σ_j step(w, B_j)`` over the leading axis of ``micro_batches``."""
-  implementation = resolve_implementation(implementation, micro_batches)
-  if implementation == "vmap":
+  if resolve_implementation(implementation, micro_batches) == "vmap":
     results = jax.vmap(step, in_axes=(None, 0))(params, micro_batches)
     return jax.tree.map(lambda g: jnp.mean(g, axis=0), results)
   # Unrolled: c independent subgraphs in one program, which XLA schedules

@@ -78,7 +78,7 @@ def couples_examples(loss_fn: _contract.LossFn) -> bool:
 
 def resolve_per_example_gradients(
   per_example_gradients: Any, loss_fn: _contract.LossFn, name: str
-) -> str:
+) -> Literal["batch_of_one", "jacobian"]:
   """``"batch_of_one"`` or ``"jacobian"``: ``"auto"`` resolved for ``loss_fn``.
 
   Raises:

@@ -236,6 +236,7 @@ def reweighted_ascent(
         per_example_gradients=per_example_gradients,
       )
     else:
+      assert key is not None  # checked above, with its message
       norms = _gradient_norms.finite_difference_gradient_norms(
         loss_fn,
         params,

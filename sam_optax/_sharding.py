@@ -35,7 +35,11 @@ def explicit_shards(x: jax.Array) -> int:
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not getattr(mesh, "are_all_axes_explicit", False):
+  if (
+    sharding is None
+    or mesh is None
+    or not getattr(mesh, "are_all_axes_explicit", False)
+  ):
     return 1
   spec = tuple(sharding.spec)
   if not spec or spec[0] is None:
@@ -95,6 +99,6 @@ def local_copy(tree: Any, axes: tuple[Hashable, ...]) -> Any:
       return x
     if hasattr(jax.lax, "pcast"):
       return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # jax < 0.8
+    return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # jax < 0.8
 
   return jax.tree.map(leaf, tree)

@@ -176,15 +176,11 @@ def _hutchinson(
   forms = []
   for start in range(0, num_probes, group):
     probes = _rademacher_probes(keys[start : start + group], params)
-    forms.append(
-      _dataset.dataset_sum(
-        lambda chunk, probes=probes: _chunk_quadratic_forms(
-          loss_fn, params, chunk, probes
-        ),
-        data,
-        chunk_size,
-      )
-    )
+
+    def chunk_forms(chunk: Any, probes: Any = probes) -> jax.Array:
+      return _chunk_quadratic_forms(loss_fn, params, chunk, probes)
+
+    forms.append(_dataset.dataset_sum(chunk_forms, data, chunk_size))
   samples = jnp.concatenate(forms) / _dataset.num_examples(data)
   return _estimate.from_samples(samples)
 

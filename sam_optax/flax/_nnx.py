@@ -146,7 +146,7 @@ def nnx_loss_fn(
     ``couples_examples``.
   """
   passes = _draw_pass_streams(model)
-  graphdef, _, state = nnx.split(passes, wrt, ...)
+  graphdef, _, state = nnx.split(passes, wrt, ...)  # type: ignore[misc]
   coupled = _couples_examples(model)
 
   def loss_fn(params: nnx.State, batch: Any) -> jax.Array:
