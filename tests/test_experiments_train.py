@@ -271,12 +271,14 @@ SHRINK = {
   "resnet50": {"width": 2, "stage_sizes": [1, 1]},
   "wrn28_10": {"depth": 10, "widen": 1},
 }
+# Two rows in the default suite (a ResNet with SGD, m-SAM's micro-batches);
+# the others, which compile the same pipeline again, with -m slow.
 MOCK_ROWS = [
   "table1:cifar10,resnet50,sgd",
-  "table1:cifar100,wrn28_10,sam",
-  "table4:0.4,sam",
-  "table5:0.5",
-  "table6:sam",
+  pytest.param("table1:cifar100,wrn28_10,sam", marks=pytest.mark.slow),
+  pytest.param("table4:0.4,sam", marks=pytest.mark.slow),
+  pytest.param("table5:0.5", marks=pytest.mark.slow),
+  pytest.param("table6:sam", marks=pytest.mark.slow),
   "table7:m_sam,4",
 ]
 
