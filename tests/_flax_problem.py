@@ -1,7 +1,7 @@
-"""What the Flax tests share: the README's snippets and a learnable image task.
+"""What the Flax tests share: the guide's recipes and a learnable image task.
 
 The task: 8×8 one-channel images, ``label`` in {0, 1, 2}, each class a fixed
-random pattern under noise, in batches of 8 (the README's nets take
+random pattern under noise, in batches of 8 (the recipes' nets take
 ``batch["image"]`` of shape ``[B, 8, 8, 1]`` and ``batch["label"]``).
 """
 
@@ -12,17 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _problems import readme_snippet
+from _problems import guide_snippet
 
 BATCH = 8
 CLASSES = 3
-STEPS = 40  # of the README's training loops
+STEPS = 40  # of the recipes' training loops
+PAGE = "flax.md"
 
 
 def run_snippet(marker: str, **names) -> dict:
-  """Executes the snippet after ``marker`` with ``names`` defined; its scope."""
+  """Executes the recipe after ``marker`` on docs/guide/flax.md (the one place
+  it runs: the page shows it as plain code) with ``names`` defined; its scope."""
   scope = dict(names)
-  exec(compile(readme_snippet(marker), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  code = compile(guide_snippet(PAGE, marker), f"docs/guide/{PAGE}", "exec")
+  exec(code, scope)  # pylint: disable=exec-used
   return scope
 
 
@@ -49,12 +52,12 @@ TEST_BATCH = image_batches(1, seed=99, size=64)[0]
 
 @functools.cache
 def trained_snippet(marker: str) -> dict:
-  """The scope of the README's snippet after training on ``BATCHES`` (once)."""
+  """The scope of the guide's recipe after training on ``BATCHES`` (once)."""
   return run_snippet(marker, batches=BATCHES, key=jax.random.key(0))
 
 
 class DenseNet(nnx.Module):
-  """Linear + BatchNorm + Dropout + Linear: like the README's Net, cheaper."""
+  """Linear + BatchNorm + Dropout + Linear: like the recipe's Net, cheaper."""
 
   def __init__(self, rngs, features=64):
     self.hidden = nnx.Linear(features, 16, rngs=rngs)

@@ -1,4 +1,4 @@
-"""One process of tests/test_multi_process.py: runs README's multi-host snippet.
+"""One process of tests/test_multi_process.py: runs the guide's multi-host snippet.
 
 ``python tests/_multi_process_worker.py PROCESS_ID PORT OUT_DIR``, started by
 the test once per process on localhost with
@@ -6,7 +6,7 @@ the test once per process on localhost with
 (the device count is fixed when jax is imported). The worker joins the others
 through ``jax.distributed`` (CPU collectives through gloo), defines what the
 snippet assumes (``loss_fn``, ``params``, ``local_batches``), executes the
-snippet from README.md as it is, and saves what each step left: the params
+snippet from docs/guide/devices.md as it is, and saves what each step left: the params
 and this process's shards of the global batch.
 
 The test imports this module too, for the problem and the snippet.
@@ -14,7 +14,6 @@ The test imports this module too, for the problem and the snippet.
 
 import os
 import pathlib
-import re
 import sys
 import traceback
 
@@ -22,6 +21,7 @@ import jax
 import jax.flatten_util
 import numpy as np
 
+import _problems
 from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
@@ -31,18 +31,11 @@ LOCAL_DEVICES = 2
 BATCH = 16  # global: 8 examples per process, 4 per device
 STEPS = 3
 MARKER = "<!-- multi-host snippet: run by tests/test_multi_process.py -->"
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def readme_snippet() -> str:
-  """The fenced python block right after ``MARKER`` in README.md."""
-  text = (_ROOT / "README.md").read_text()
-  match = re.search(
-    re.escape(MARKER) + r"\s*```python\n(.*?)```", text, re.DOTALL
-  )
-  if match is None:
-    raise ValueError(f"README.md has no ```python block right after {MARKER}")
-  return match.group(1)
+def guide_snippet() -> str:
+  """The fenced python block right after ``MARKER`` on docs/guide/devices.md."""
+  return _problems.guide_snippet("devices.md", MARKER)
 
 
 def problem():
@@ -99,7 +92,7 @@ def main(process_id: int, port: int, out_dir: pathlib.Path) -> None:
   namespace.update(
     loss_fn=mlp_loss, params=params, local_batches=local_batches()
   )
-  exec(readme_snippet(), namespace)  # pylint: disable=exec-used
+  exec(guide_snippet(), namespace)  # pylint: disable=exec-used
   np.savez(out_dir / f"process_{process_id}.npz", **saved)
   jax.distributed.shutdown()
 

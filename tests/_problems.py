@@ -102,12 +102,26 @@ def compiled_flops(fn, *args):
   return cost["flops"]
 
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guide"
 
 
-def readme_snippet(marker):
-  """The fenced python block right after ``marker`` in README.md."""
-  text = README.read_text(encoding="utf-8")
-  assert marker in text, f"the README lost its snippet {marker}"
+def guide_snippets(page):
+  """The fenced ```python blocks of docs/guide/``page``, in order.
+
+  The guide's pages show the recipes that tests run (with checks against
+  their formulas) as plain ```python blocks, so that the documentation's
+  doctest builder does not run them a second time; its own examples are
+  ``{testcode}`` and ``{doctest}`` blocks.
+  """
+  text = (GUIDE / page).read_text(encoding="utf-8")
+  return re.findall(r"^```python\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
+
+
+def guide_snippet(page, marker):
+  """The fenced python block right after ``marker`` on docs/guide/``page``."""
+  text = (GUIDE / page).read_text(encoding="utf-8")
+  assert marker in text, f"docs/guide/{page} lost its snippet {marker}"
   after = text.split(marker, 1)[1]
-  return re.match(r"\s*```python\n(.*?)```", after, re.DOTALL).group(1)
+  return re.match(
+    r"\s*```python\n(.*?)^```", after, re.DOTALL | re.MULTILINE
+  ).group(1)

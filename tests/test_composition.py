@@ -1,17 +1,15 @@
-"""sam_optax inside optax's wrappers, and the README's "Composing with optax".
+"""sam_optax inside optax's wrappers, and the guide's "Composing with optax".
 
 Gradient accumulation (``optax.MultiSteps``), skipping non-finite steps
 (``optax.apply_if_finite``), the order in a chain, masks (``perturb_mask``,
 ``optax.masked``, ``optax.multi_transform``) and schedules
-(``optax.inject_hyperparams``): each form the README recommends against a
+(``optax.inject_hyperparams``): each form the guide recommends against a
 formula written out with ``jax.grad``, and each form it warns about pinned to
-what it actually does in optax 0.2.8. The last test class runs every fenced
-python block of the README section.
+what it actually does in optax 0.2.8. The last test class runs every recipe
+(fenced python block) of docs/guide/composing.md, the one place they run.
 """
 
 import functools
-import pathlib
-import re
 from typing import ClassVar
 
 from absl.testing import parameterized
@@ -25,6 +23,7 @@ import sam_optax
 
 from _problems import add
 from _problems import global_norm
+from _problems import guide_snippets
 from _problems import mean_loss
 from _problems import mlp_batch
 from _problems import mlp_loss
@@ -199,7 +198,7 @@ class AccumulationTest(parameterized.TestCase):
   def test_multisteps_around_the_chain_descends_on_the_last_micro_batch(
     self, name
   ):
-    """Pins the form the README warns about (optax 0.2.8's MultiSteps).
+    """Pins the form the guide warns about (optax 0.2.8's MultiSteps).
 
     MultiSteps accumulates the clean gradients it receives and calls the
     inner chain on every micro-step with their running mean as ``updates``
@@ -524,21 +523,16 @@ class MaskTest(parameterized.TestCase):
     chex.assert_trees_all_close(updates, expected, **TOL)
 
 
-# --- Item 11: the README's recipes, run ---------------------------------------
+# --- Item 11: the guide's recipes, run ----------------------------------------
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## Composing with optax"
+PAGE = "composing.md"
 SNIPPET_RHO = 0.05
 SNIPPET_LR = 0.1
 
 
-def readme_snippets():
-  """The fenced python blocks of the README section, in order."""
-  text = README.read_text(encoding="utf-8")
-  start = text.index(SECTION + "\n")
-  end = text.find("\n## ", start + len(SECTION))
-  section = text[start : end if end >= 0 else len(text)]
-  return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+def guide_recipes():
+  """The fenced python blocks of docs/guide/composing.md, in order."""
+  return guide_snippets(PAGE)
 
 
 @jax.jit  # jitted, so that the snippets' eager steps run a few programs
@@ -577,7 +571,7 @@ def namespace(params, loss_fn, batch):
 
 def run_snippet(snippet, params, loss_fn, batch):
   scope = namespace(params, loss_fn, batch)
-  code = compile(snippet, "README.md", "exec")
+  code = compile(snippet, f"docs/guide/{PAGE}", "exec")
   exec(code, scope)  # pylint: disable=exec-used
   return scope
 
@@ -589,8 +583,9 @@ def first_update(tx, params, loss_fn, batch, state=None):
   )
 
 
-class ReadmeRecipesTest(parameterized.TestCase):
-  """Every python block of the README's "Composing with optax" is run here.
+class GuideRecipesTest(parameterized.TestCase):
+  """Every python block of docs/guide/composing.md is run here (and only
+  here: the page shows them as plain code, not doctests).
 
   Each check recognizes its block by a string in it; every block must have
   exactly one check, so a new recipe needs a new check.
@@ -605,15 +600,15 @@ class ReadmeRecipesTest(parameterized.TestCase):
   }
 
   def _snippet(self, name):
-    snippets = readme_snippets()
+    snippets = guide_recipes()
     matches = [s for s in snippets if self.MARKERS[name] in s]
     self.assertLen(
-      matches, 1, f"one README block should contain {self.MARKERS[name]!r}"
+      matches, 1, f"one {PAGE} block should contain {self.MARKERS[name]!r}"
     )
     return matches[0]
 
   def test_every_block_has_a_check(self):
-    snippets = readme_snippets()
+    snippets = guide_recipes()
     self.assertLen(snippets, len(self.MARKERS))
     for snippet in snippets:
       self.assertLen(
@@ -637,6 +632,11 @@ class ReadmeRecipesTest(parameterized.TestCase):
     scope = run_snippet(self._snippet("accumulation"), params, loss_fn, batch)
     micro_batches = scope["micro_batches"]
     self.assertLen(micro_batches, 4)  # one step of every_k_schedule=4
+    # The first three micro-steps leave the parameters as they were.
+    current, state = params, scope["tx"].init(params)
+    for micro_batch in micro_batches[:3]:
+      current, state = scope["micro_step"](current, state, micro_batch)
+    _assert_bit_identical(self, current, params)
     gradient = mean_of(
       [sam_gradient(params, b, SNIPPET_RHO, loss_fn) for b in micro_batches]
     )
@@ -713,7 +713,7 @@ class ReadmeRecipesTest(parameterized.TestCase):
       )
       state = (moved, *state[1:]) if chained else moved
       updates, state = first_update(tx, params, loss_fn, batch, state)
-      if chained:  # as the README says
+      if chained:  # as the guide says
         np.testing.assert_allclose(state[0].hyperparams["rho"], rho, rtol=1e-6)
       return updates
 
@@ -737,7 +737,7 @@ class ReadmeRecipesTest(parameterized.TestCase):
 
 
 class StaticArgsTest(parameterized.TestCase):
-  """The README's rule for ``optax.inject_hyperparams``: ints that set shapes
+  """The guide's rule for ``optax.inject_hyperparams``: ints that set shapes
   or loop counts, and callables, go in ``static_args``."""
 
   @parameterized.named_parameters(
@@ -789,7 +789,7 @@ class StaticArgsTest(parameterized.TestCase):
     batch = _batches(1)[0]
     rho = optax.linear_schedule(0.0, RHO, 10)
 
-    def update(tx):  # traced only: the numbers are the README test's job
+    def update(tx):  # traced only: the numbers are the recipe test's job
       return jax.eval_shape(
         _jit_update(tx), None, tx.init(params), params, batch, jax.random.key(0)
       )

@@ -393,9 +393,36 @@ def test_main_job_end_to_end_in_a_tiny_setting(tmp_path, capsys):
   table = capsys.readouterr().out
   assert "m_sam(m=32)" in table and "±" in table and "s / epoch" in table
   assert "best epoch" in table and "memorized %" in table
+  # The orderings of compare.CLAIMS are reported, not asserted, at this size.
+  assert "checks: SAM > SGD: " in table and "RW-SAM < SAM: " in table
+  assert "m-SAM (m = 4) > SAM: not run" in table  # m = 32 only
+  assert set(results["checks"].values()) <= {"pass", "fail", None}
   runs = results["runs"]["rw_sam"]
   assert runs[0]["config"]["label_noise"] == 0.25
   assert len(runs[0]["history"]) == 2
+
+
+def test_main_job_checks_the_orderings_not_the_digits():
+  def summary(**means):
+    return {name: {"test_accuracy": {"mean": m}} for name, m in means.items()}
+
+  # RESULTS.md section 1's rows on two machines: the digits differ, the
+  # orderings hold.
+  for sgd, sam, m4, rw_sam in (
+    (0.627, 0.6693, 0.791, 0.6167),
+    (0.6203, 0.6627, 0.79, 0.635),
+  ):
+    runs = summary(sgd=sgd, sam=sam, **{"m_sam(m=4)": m4}, rw_sam=rw_sam)
+    assert set(compare.checks(runs).values()) == {"pass"}
+  verdicts = compare.checks(
+    summary(sgd=0.70, sam=0.66, **{"m_sam(m=4)": 0.65}, rw_sam=0.67)
+  )
+  assert list(verdicts.values()) == ["fail", "fail", "fail"]
+  line = compare.format_checks(summary(sgd=0.627, sam=0.6693))
+  assert line == (
+    "checks: SAM > SGD: pass (66.93 vs 62.70);"
+    " m-SAM (m = 4) > SAM: not run; RW-SAM < SAM: not run"
+  )
 
 
 def test_main_job_settings():

@@ -1,6 +1,6 @@
-"""sam_optax.flax's Linen helpers: the README's TrainState recipe, run.
+"""sam_optax.flax's Linen helpers: the guide's TrainState recipe, run.
 
-The README's Linen snippet (Conv + BatchNorm + Dropout + Dense, a TrainState
+The Linen recipe of docs/guide/flax.md (Conv + BatchNorm + Dropout + Dense, a TrainState
 with ``batch_stats`` whose step calls ``tx.update`` itself) trains on a small
 image task and must learn; eval mode then normalizes with the running
 statistics. One step of a variant leaves ``batch_stats`` where one plain SGD
@@ -28,7 +28,7 @@ from _flax_problem import trained_snippet
 MARKER = "<!-- linen snippet: run by tests/test_flax_linen.py -->"
 
 
-def readme_scope() -> dict:
+def recipe_scope() -> dict:
   return trained_snippet(MARKER)
 
 
@@ -40,8 +40,8 @@ def _eval_logits(state, images):
   )
 
 
-def test_readme_snippet_learns_and_evaluates_on_running_statistics():
-  scope = readme_scope()
+def test_recipe_learns_and_evaluates_on_running_statistics():
+  scope = recipe_scope()
   state = scope["state"]
   np.testing.assert_array_equal(
     scope["logits"], _eval_logits(state, BATCHES[0]["image"])
@@ -72,7 +72,7 @@ def test_readme_snippet_learns_and_evaluates_on_running_statistics():
 
 
 class _DenseNet(nn.Module):
-  """Dense + BatchNorm + Dropout + Dense: the README's Net, cheaper to compile."""
+  """Dense + BatchNorm + Dropout + Dense: the recipe's Net, cheaper to compile."""
 
   @nn.compact
   def __call__(self, x, train):
@@ -87,8 +87,8 @@ def _initial_variables():
 
 
 def _one_step(tx):
-  """The README's step, once, from the same variables, with ``tx``."""
-  scope = readme_scope()
+  """The recipe's step, once, from the same variables, with ``tx``."""
+  scope = recipe_scope()
   variables = _initial_variables()
   state = scope["TrainState"].create(
     apply_fn=_DenseNet().apply,
@@ -129,7 +129,7 @@ def test_only_the_clean_pass_moves_batch_stats(variant):
 
 
 def test_loss_fn_drops_updates_and_reuses_its_masks():
-  per_example_loss = readme_scope()["per_example_loss"]
+  per_example_loss = recipe_scope()["per_example_loss"]
   batch = BATCHES[0]
   variables = _initial_variables()
   params, stats = variables["params"], variables["batch_stats"]

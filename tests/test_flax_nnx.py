@@ -1,6 +1,6 @@
 """sam_optax.flax.nnx_loss_fn: BatchNorm + Dropout through every variant.
 
-The README's NNX snippet (Conv + BatchNorm + Dropout + Linear, the issue's
+The NNX recipe of docs/guide/flax.md (Conv + BatchNorm + Dropout + Linear, the issue's
 train step as it stands) trains on a small image task and must learn; eval
 mode afterwards normalizes with the running statistics. For every variant,
 one step from a fresh model must leave the running statistics exactly where
@@ -32,7 +32,7 @@ from _flax_problem import trained_snippet
 MARKER = "<!-- nnx snippet: run by tests/test_flax_nnx.py -->"
 
 
-def readme_scope() -> dict:
+def recipe_scope() -> dict:
   return trained_snippet(MARKER)
 
 
@@ -58,11 +58,11 @@ def _snapshot(model, *filters):
 
 
 def _per_example_loss(model, batch):
-  return readme_scope()["per_example_loss"](model, batch)
+  return recipe_scope()["per_example_loss"](model, batch)
 
 
-def test_readme_snippet_learns():
-  scope = readme_scope()
+def test_recipe_learns():
+  scope = recipe_scope()
   model = scope["model"]
   untrained = scope["Net"](rngs=nnx.Rngs(0))
   untrained.eval()
@@ -71,7 +71,7 @@ def test_readme_snippet_learns():
 
 
 def test_eval_mode_uses_the_running_statistics():
-  model = readme_scope()["model"]  # model.eval() was the snippet's last line
+  model = recipe_scope()["model"]  # model.eval() was the snippet's last line
   norm = model.norm
   assert norm.use_running_average and model.dropout.deterministic
   # Training moved the running statistics away from their initial values.
@@ -109,7 +109,7 @@ DEFAULT_SUITE = ("sam", "m_sam", "rw_sam")
 
 @nnx.jit
 def _train_step(model, optimizer, batch, key, extra):
-  """The README's (and the issue's) train step, with extra arguments."""
+  """The recipe's (and the issue's) train step, with extra arguments."""
   grads = nnx.grad(lambda m: _per_example_loss(m, batch).mean())(model)
   loss_fn = sam_optax.flax.nnx_loss_fn(model, _per_example_loss)
   optimizer.update(model, grads, loss_fn=loss_fn, batch=batch, key=key, **extra)

@@ -1,9 +1,9 @@
-"""README's multi-host snippet on 2 processes × 2 CPU devices against m_sam.
+"""The guide's multi-host snippet on 2 processes × 2 CPU devices against m_sam.
 
 The test starts ``PROCESSES`` workers (``_multi_process_worker.py``) on
 localhost, each with 2 forced host devices; they join through
 ``jax.distributed`` with CPU collectives through gloo, and each executes the
-README's snippet as it is for ``STEPS`` train steps. The params after each
+snippet of docs/guide/devices.md as it is for ``STEPS`` train steps. The params after each
 step must equal single-process ``m_sam(rho, B // 4)`` steps computed here:
 m_sam needs no devices, it splits the global batch into contiguous
 micro-batches, which is what the 4 devices hold.
@@ -111,8 +111,8 @@ def _m_sam_steps(params, batches, micro_batch_size):
   return flat
 
 
-def test_readme_snippet_on_two_processes_is_m_sam(tmp_path):
-  assert "make_array_from_process_local_data" in worker.readme_snippet()
+def test_guide_snippet_on_two_processes_is_m_sam(tmp_path):
+  assert "make_array_from_process_local_data" in worker.guide_snippet()
   codes = _run_workers(tmp_path)
   if codes != [0] * worker.PROCESSES:
     logs = "\n".join(

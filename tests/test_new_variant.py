@@ -1,6 +1,7 @@
-"""A new variant built from the public pieces, as the README shows.
+"""A new variant built from the public pieces, as the guide shows.
 
-The README's new-variant snippet (found by its marker) is run as it stands;
+The new-variant snippet of docs/guide/variants.md (found by its marker) is run
+as it stands, here only (the page shows it as plain code);
 the transform it builds from ``AscentDirection`` and ``sharpness_aware`` is
 checked over three steps against its formula, ``d_t = g_{t−1}`` (``g_0`` at
 the first step), ``ε_t = ρ d_t / ‖d_t‖``, returned ``∇L_B(w_t + ε_t)``, with
@@ -14,11 +15,11 @@ import pytest
 
 from _problems import add
 from _problems import global_norm
+from _problems import guide_snippet
 from _problems import mean_loss
 from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
-from _problems import readme_snippet
 
 MARKER = "<!-- new-variant snippet: run by tests/test_new_variant.py -->"
 RHO = 0.05
@@ -26,9 +27,9 @@ LR = 0.1
 
 
 def _snippet_scope():
-  code = readme_snippet(MARKER)
+  code = guide_snippet("variants.md", MARKER)
   scope = {}
-  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(code, "docs/guide/variants.md", "exec"), scope)  # pylint: disable=exec-used
   return scope
 
 
@@ -57,7 +58,7 @@ def _expected_updates(params, batches):
 
 @pytest.mark.parametrize("use_jit", [False, True])
 @pytest.mark.parametrize("give_clean_gradient", [True, False])
-def test_readme_new_variant_follows_its_formula(use_jit, give_clean_gradient):
+def test_guide_new_variant_follows_its_formula(use_jit, give_clean_gradient):
   tx = SCOPE["tx"]
   params = mlp_params(jax.random.key(0))
   batches = [mlp_batch(jax.random.key(k)) for k in (1, 2, 3)]
