@@ -145,6 +145,11 @@ def lookbehind_sam(
   caller's parameters are ``φ``; ``updates`` is not used (each step takes
   its ascent gradient at ``a_{j−1}``, not at ``φ``).
 
+  To skip non-finite steps, wrap the base: ``optimizer=
+  optax.apply_if_finite(base, n)``; a step whose update is not finite then
+  leaves the cycle as it was (the same ascent point and count; the
+  wrapped base skips its own update).
+
   Cost: two forward-backward passes a step, as SAM; the state holds two
   copies of the parameters (``θ`` and the ascent so far) besides the base
   optimizer's.
@@ -224,7 +229,17 @@ def lookbehind_sam(
     step, base_state = optimizer.update(
       optax.tree.cast_like(adversarial, params), state.base_state, params
     )
-    last = state.count == k - 1
+    # A non-finite step (skipped by an optax.apply_if_finite ``optimizer``)
+    # leaves the cycle as it was: the same ascent point, the same count.
+    finite = jnp.all(
+      jnp.array(
+        [
+          jnp.all(jnp.isfinite(x))
+          for x in jax.tree.leaves((adversarial, offset))
+        ]
+      )
+    )
+    last = jnp.logical_and(state.count == k - 1, finite)
     # On the cycle's last step: θ + α(φ + u − θ) − φ = α u + (1 − α)(θ − φ).
     fast = optax.apply_updates(params, step)
     slow = jax.tree.map(
@@ -234,8 +249,11 @@ def lookbehind_sam(
     )
     synced = jax.tree.map(lambda s, p: s - p, slow, params)
     result = optax.tree.where(last, synced, step)
+    offset = optax.tree.where(finite, offset, state.offset)
     new_state = LookbehindSamState(
-      count=jnp.where(last, 0, state.count + 1).astype(jnp.int32),
+      count=jnp.where(
+        last, 0, jnp.where(finite, state.count + 1, state.count)
+      ).astype(jnp.int32),
       slow=optax.tree.where(last, slow, state.slow),
       offset=optax.tree.where(last, optax.tree.zeros_like(offset), offset),
       base_state=base_state,

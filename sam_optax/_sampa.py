@@ -26,6 +26,13 @@ class SampaState(NamedTuple):
   auxiliary_state: optax.OptState
 
 
+def _all_finite(tree: Any) -> jax.Array:
+  """Whether every element of ``tree`` is finite (a scalar bool)."""
+  return jnp.all(
+    jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )
+
+
 def _pair_gradients(
   loss_fn: _contract.LossFn,
   points: tuple[optax.Params, optax.Params],
@@ -124,6 +131,9 @@ def sampa(
   on and ``∇f(y_{t+1})`` on the next: pass that next batch as
   ``next_batch=`` (with the same shapes) and step ``t``'s batch as
   ``batch``.
+
+  A step whose result is not finite leaves the state as it was, so that
+  ``optax.apply_if_finite`` around the base optimizer skips it cleanly.
 
   Cost: two forward-backward passes, computed as one pair; none at ``x_t``,
   so the clean gradient ``updates`` is not used (pass None). On two devices
@@ -228,9 +238,16 @@ def sampa(
     _, auxiliary_state = auxiliary_step.update(
       combined, state.auxiliary_state, params
     )
+    # A non-finite step (skipped by optax.apply_if_finite around the base
+    # optimizer) must not poison the next ascent: keep the state as it was.
+    finite = _all_finite(combined)
     return combined, SampaState(
-      auxiliary_gradient=optax.tree.cast_like(gradient, previous),
-      auxiliary_state=auxiliary_state,
+      auxiliary_gradient=optax.tree.where(
+        finite, optax.tree.cast_like(gradient, previous), previous
+      ),
+      auxiliary_state=optax.tree.where(
+        finite, auxiliary_state, state.auxiliary_state
+      ),
     )
 
   return optax.GradientTransformationExtraArgs(init, update_fn)
