@@ -197,7 +197,9 @@ def lookbehind_sam(
   def init(params: optax.Params) -> LookbehindSamState:
     return LookbehindSamState(
       count=jnp.zeros([], jnp.int32),
-      slow=params,
+      # A copy: a train step that donates its state may not hold the
+      # parameters' buffers twice.
+      slow=jax.tree.map(jnp.copy, params),
       offset=optax.tree.zeros_like(optax.tree.cast(params, jnp.float32)),
       base_state=optimizer.init(params),
     )
