@@ -65,7 +65,7 @@ def esam(
   ...                  optax.sgd(0.1))
   >>> state = tx.init(params)
   >>> updates, state = tx.update(None, state, params, loss_fn=loss_fn,
-  ...                            batch=batch, key=key)
+  ...                            batch=batch, key=jax.random.key(0))
 
   Where this differs from the official code (dydjw9/Efficient_SAM,
   ``utils/Esam.py``): it keeps each parameter *tensor* with probability
