@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from sam_optax import _contract
@@ -16,11 +17,12 @@ def _bernoulli_mask(key: jax.Array, beta: jax.Array, tree: Any) -> Any:
   """A Bernoulli(β) draw per element of ``tree`` (float32 0/1 leaves)."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten(
+  return jax.tree.unflatten(
+    treedef,
     [
       jax.random.bernoulli(k, beta, jnp.shape(x)).astype(jnp.float32)
       for k, x in zip(keys, leaves, strict=True)
-    ]
+    ],
   )
 
 
@@ -100,7 +102,7 @@ def esam(
   _contract.check_number(gamma, "gamma", name, above=0, maximum=1)
   gamma = float(gamma)
   # Only a concrete β = 1 skips the draw; a traced β (injected) always draws.
-  always = not isinstance(beta, jax.core.Tracer) and float(beta) == 1.0
+  always = not isinstance(beta, jax.core.Tracer) and bool(np.asarray(beta) == 1)
   beta_f32 = jnp.asarray(beta, jnp.float32)
 
   def update_fn(
@@ -150,6 +152,7 @@ def esam(
     perturbed = _perturbation.perturb(params, epsilon)
     if select:
       size = _contract.batch_size(batch, name)
+      assert before is not None
       rise = loss_fn(perturbed, batch) - before
       _, chosen = jax.lax.top_k(rise, selected_count(gamma, size))
       batch = jax.tree.map(lambda x: jnp.take(x, chosen, axis=0), batch)
