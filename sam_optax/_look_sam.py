@@ -86,13 +86,14 @@ def look_sam(
   dtypes.
 
   ``layerwise=True`` projects and normalizes leaf by leaf (each leaf ``l``
-  of the parameters a layer), as the paper's layer-wise Look-LayerSAM and
-  the public PyTorch implementations do:
+  of the parameters a layer), as the public PyTorch implementations do:
   ``g_v^l = g_adv^l − (g_adv^l·ĝ^l) ĝ^l`` on the SAM steps and
-  ``g^l + α ‖g^l‖ g_v^l / (‖g_v^l‖ + δ)`` on the others. The SAM steps'
-  perturbation stays the global ``ρ g/‖g‖``; the paper pairs
-  Look-LayerSAM with LAMB's layer-wise trust ratio, which is the base
-  optimizer's part here (e.g. ``optax.lamb``).
+  ``g^l + α ‖g^l‖ g_v^l / (‖g_v^l‖ + δ)`` on the others. The paper's
+  layer-wise variant for large batches, Look-LayerSAM, is layer-wise in
+  the same sense and also rescales the perturbation layer by layer, as LAMB
+  rescales its steps; that rescaling is not reproduced here (the SAM steps'
+  perturbation stays the global ``ρ g/‖g‖``; a layer-wise base such as
+  ``optax.lamb`` is the base optimizer's part).
 
   Args:
     rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
