@@ -34,15 +34,29 @@ VARIANTS: dict[
   "vasso": sam_optax.vasso,
   "look_sam": sam_optax.look_sam,
   "momentum_sam": sam_optax.momentum_sam,
+  "sampa": sam_optax.sampa,
+  "esam": sam_optax.esam,
+  "lookbehind_sam": sam_optax.lookbehind_sam,
+  "multi_step_sam": sam_optax.multi_step_sam,
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
 (None: plain SGD)."""
 
+BASE_ARGUMENT = {"sampa": "auxiliary_step", "lookbehind_sam": "optimizer"}
+"""The variants that take the base optimizer, and the argument they take it
+as: SAMPa a copy of it for its auxiliary step, Lookbehind-SAM the base itself
+(it ends the chain)."""
+
 
 def variant(
   config: config_lib.OptimizerConfig,
+  base: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """The SAM-family transform of ``config`` (``optax.identity()`` for SGD)."""
+  """The SAM-family transform of ``config`` (``optax.identity()`` for SGD).
+
+  ``base`` is the base optimizer, passed to the variants of
+  :data:`BASE_ARGUMENT` (required for them).
+  """
   if config.name not in VARIANTS:
     raise ValueError(
       f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}."
@@ -52,7 +66,12 @@ def variant(
     if config.options:
       raise ValueError(f"sgd takes no variant options, got {config.options}.")
     return optax.with_extra_args_support(optax.identity())
-  return function(config.rho, **config.options)
+  options = dict(config.options)
+  if config.name in BASE_ARGUMENT:
+    if base is None:
+      raise ValueError(f"{config.name} needs the base optimizer (base=...).")
+    options[BASE_ARGUMENT[config.name]] = base
+  return function(config.rho, **options)
 
 
 def learning_rate_schedule(
@@ -67,6 +86,9 @@ def make_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
   """``chain(variant, add_decayed_weights, sgd(cosine, momentum))``.
 
+  Lookbehind-SAM owns that base (``lookbehind_sam(..., optimizer=base)``);
+  SAMPa gets a copy of it for its auxiliary step.
+
   Args:
     config: the optimizer.
     total_steps: the length of the cosine schedule (all steps of training).
@@ -75,8 +97,7 @@ def make_optimizer(
     An ``optax.GradientTransformationExtraArgs``; call its ``update`` with the
     clean gradient and ``loss_fn``, ``batch`` and ``key`` keyword arguments.
   """
-  return optax.chain(
-    variant(config),
+  base = optax.chain(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(
       learning_rate_schedule(config, total_steps),
@@ -84,3 +105,6 @@ def make_optimizer(
       nesterov=config.nesterov,
     ),
   )
+  if config.name == "lookbehind_sam":
+    return variant(config, base)
+  return optax.chain(variant(config, base), base)

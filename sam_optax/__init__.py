@@ -26,6 +26,7 @@ from sam_optax._calibration import calibrate_sigma
 from sam_optax._calibration import SigmaCalibration
 from sam_optax._contract import LossFn
 from sam_optax._data_parallel import data_parallel_m_sam
+from sam_optax._esam import esam
 from sam_optax._f_sam import f_sam
 from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
@@ -34,6 +35,9 @@ from sam_optax._gradient_norms import per_example_gradient_norms
 from sam_optax._gsam import gsam
 from sam_optax._look_sam import look_sam
 from sam_optax._look_sam import LookSamState
+from sam_optax._lookbehind import lookbehind_sam
+from sam_optax._lookbehind import LookbehindSamState
+from sam_optax._lookbehind import multi_step_sam
 from sam_optax._m_sam import m_sam
 from sam_optax._momentum_sam import momentum_sam
 from sam_optax._momentum_sam import MomentumSamState
@@ -47,6 +51,8 @@ from sam_optax._rw_sam import rw_sam
 from sam_optax._sam import clean_gradient_ascent
 from sam_optax._sam import sam
 from sam_optax._sam import usam
+from sam_optax._sampa import sampa
+from sam_optax._sampa import SampaState
 from sam_optax._transform import AscentDirection
 from sam_optax._transform import DirectionFn
 from sam_optax._transform import sharpness_aware
@@ -55,6 +61,7 @@ from sam_optax._transform import SharpnessAwareStep
 from sam_optax._vasso import variance_suppressed_ascent
 from sam_optax._vasso import VarianceSuppressedAscentState
 from sam_optax._vasso import vasso
+from sam_optax._wsam import DecoupledWsamState
 from sam_optax._wsam import wsam
 
 __version__ = "0.1.0"
@@ -67,12 +74,15 @@ __version__ = "0.1.0"
 # reference (the definitions the fast forms are tested against).
 __all__ = (
   "AscentDirection",
+  "DecoupledWsamState",
   "DirectionFn",
   "FriendlyAscentState",
   "LookSamState",
+  "LookbehindSamState",
   "LossFn",
   "MomentumSamState",
   "ReweightedAscentState",
+  "SampaState",
   "SharpnessAwareStep",
   "SigmaCalibration",
   "VarianceSuppressedAscentState",
@@ -83,14 +93,17 @@ __all__ = (
   "clean_gradient_ascent",
   "data_parallel_m_sam",
   "diagnostics",
+  "esam",
   "f_sam",
   "finite_difference_gradient_norms",
   "friendly_ascent",
   "gibbs_weights",
   "gsam",
   "look_sam",
+  "lookbehind_sam",
   "m_sam",
   "momentum_sam",
+  "multi_step_sam",
   "n_sam",
   "not_bias_mask",
   "per_example_gradient_norms",
@@ -99,6 +112,7 @@ __all__ = (
   "rw_asam",
   "rw_sam",
   "sam",
+  "sampa",
   "sharpness_aware",
   "sharpness_aware_step",
   "usam",

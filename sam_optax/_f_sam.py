@@ -111,6 +111,13 @@ def f_sam(
   (``momentum_in_direction="previous"``). ``"current"`` uses the paper's
   ``d_t = g_B − σ m_t`` with ``m_0 = 0``. ``sigma = 0`` is :func:`sam`.
 
+  At the paper's ``σ = 1`` the two differ only in where the average starts:
+  ``g − m_t = λ (g − m_{t−1})``, so ``"current"``'s direction is
+  ``"previous"``'s scaled by ``λ``, which the normalization removes; what
+  remains is the start (``m_1 = g_1`` and a SAM first step for
+  ``"previous"``, ``m_0 = 0`` for ``"current"``). For ``σ ≠ 1`` the
+  directions differ at every step.
+
   Args:
     rho: the perturbation radius ``ρ >= 0``.
     sigma: ``σ >= 0``, how much of the EMA (the full-gradient estimate) to

@@ -28,8 +28,11 @@ def gsam(
   with ``g = ∇L_B(w)`` the clean gradient (``updates``, or computed from
   ``loss_fn`` and ``batch`` when ``updates`` is None) and
   ``ĝ_adv = g_adv / (‖g_adv‖ + δ)``, so that ``(g·ĝ_adv) ĝ_adv`` is the
-  paper's ``(g·g_adv / ‖g_adv‖²) g_adv`` guarded by ``δ = 1e-12`` (as
-  big_vision's ``gsam_gradient``). Descending along ``−g_adv`` lowers the
+  paper's ``(g·g_adv / ‖g_adv‖²) g_adv`` guarded by ``δ = 1e-12``.
+  (big_vision's ``gsam_gradient`` divides by ``‖g_adv‖`` unguarded in this
+  projection; only its perturbation ``ρ g/(‖g‖ + ε)`` adds an epsilon. The
+  two agree unless ``g_adv`` is zero, where the guard gives ``g_⊥ = g``
+  instead of NaN.) Descending along ``−g_adv`` lowers the
   perturbed loss ``f_p``; the term ``+α g_⊥`` of the step raises the clean
   loss ``f`` along a direction orthogonal to ``g_adv``, which lowers the
   surrogate gap ``h = f_p − f`` without changing ``f_p`` to first order (the

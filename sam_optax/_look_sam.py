@@ -5,6 +5,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+import numpy as np
 import optax
 
 from sam_optax import _contract
@@ -32,6 +33,7 @@ def look_sam(
   every_k: int = 5,
   alpha: ArrayLike = 0.7,
   *,
+  layerwise: bool = False,
   perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: SAM every ``k`` steps, a cheap correction in between.
@@ -81,8 +83,17 @@ def look_sam(
   clean gradient is computed by the transform when ``updates`` is None: both
   kinds of step use it). If ``‖g_v‖ = 0`` (``g_adv`` parallel to ``g``), the
   steps in between hand on ``g``. ``g_v`` is stored in the parameters'
-  dtypes. The paper's layer-wise variant for large batches (with LAMB) is
-  not provided.
+  dtypes.
+
+  ``layerwise=True`` projects and normalizes leaf by leaf (each leaf ``l``
+  of the parameters a layer), as the public PyTorch implementations do:
+  ``g_v^l = g_adv^l − (g_adv^l·ĝ^l) ĝ^l`` on the SAM steps and
+  ``g^l + α ‖g^l‖ g_v^l / (‖g_v^l‖ + δ)`` on the others. The paper's
+  layer-wise variant for large batches, Look-LayerSAM, is layer-wise in
+  the same sense and also rescales the perturbation layer by layer, as LAMB
+  rescales its steps; that rescaling is not reproduced here (the SAM steps'
+  perturbation stays the global ``ρ g/‖g‖``; a layer-wise base such as
+  ``optax.lamb`` is the base optimizer's part).
 
   Args:
     rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
@@ -91,6 +102,8 @@ def look_sam(
       ``static_args=("every_k",)``).
     alpha: ``α >= 0``, the weight of the reused orthogonal part (0.7 as in
       the paper).
+    layerwise: project and normalize per leaf (Look-LayerSAM) instead of
+      over the whole pytree.
     perturb_mask: which leaves to perturb on the SAM steps; see :func:`sam`.
       ``g_v`` and the result cover every leaf.
 
@@ -102,6 +115,10 @@ def look_sam(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
+  if not isinstance(layerwise, (bool, np.bool_)):
+    raise ValueError(
+      f"look_sam: layerwise must be True or False, got {layerwise!r}."
+    )
   every_k = _contract.check_integer(every_k, "every_k", "look_sam")
   _contract.check_number(alpha, "alpha", "look_sam", minimum=0)
   alpha = jnp.asarray(alpha, jnp.float32)  # float32 arithmetic, as injected
@@ -144,7 +161,11 @@ def look_sam(
         key=key,
         **extra_args,
       )
-      orthogonal = _perturbation.orthogonal_part(adversarial, gradient)
+      orthogonal = (
+        _layerwise_orthogonal_part
+        if layerwise
+        else (_perturbation.orthogonal_part)
+      )(adversarial, gradient)
       return (
         optax.tree.cast_like(adversarial, params),
         optax.tree.cast_like(orthogonal, state.orthogonal),
@@ -152,6 +173,18 @@ def look_sam(
 
     def reused() -> tuple[optax.Updates, optax.Updates]:
       clean = optax.tree.cast(gradient, jnp.float32)
+      if layerwise:
+        corrected = jax.tree.map(
+          lambda g, v: (
+            g
+            + alpha
+            * _perturbation.global_norm(g)
+            * _perturbation.unit_vector(v)
+          ),
+          clean,
+          state.orthogonal,
+        )
+        return optax.tree.cast_like(corrected, params), state.orthogonal
       weight = alpha * _perturbation.global_norm(clean)
       corrected = optax.tree.add_scale(
         clean, weight, _perturbation.unit_vector(state.orthogonal)
@@ -168,3 +201,8 @@ def look_sam(
     )
 
   return optax.GradientTransformationExtraArgs(init, update_fn)
+
+
+def _layerwise_orthogonal_part(tree: optax.Updates, onto: optax.Updates):
+  """:func:`_perturbation.orthogonal_part` leaf by leaf (Look-LayerSAM)."""
+  return jax.tree.map(_perturbation.orthogonal_part, tree, onto)

@@ -1,6 +1,6 @@
 """VaSSO: the ascent along an EMA of clean gradients (variance suppression)."""
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,25 +18,37 @@ class VarianceSuppressedAscentState(NamedTuple):
   Attributes:
     direction: ``d_t``, the EMA of clean gradients the last step perturbed
       along (zeros before the first step).
+    count: the number of steps taken (int32): the first step starts the EMA.
   """
 
   direction: optax.Updates
+  count: jax.Array
+
+
+Start = Literal["gradient", "zero"]
+"""How VaSSO's EMA starts: ``d_1 = g_1`` (``"gradient"``) or ``d_0 = 0``."""
 
 
 def variance_suppressed_ascent(
-  theta: ArrayLike = 0.4,
+  theta: ArrayLike = 0.9,
+  start: Start = "gradient",
 ) -> _transform.AscentDirection:
-  """VaSSO's ascent direction: ``d_t = (1−θ) d_{t−1} + θ g_t``, ``d_0 = 0``.
+  """VaSSO's ascent direction: ``d_t = (1−θ) d_{t−1} + θ g_t``.
 
-  ``g_t`` is the clean gradient (``updates``, or computed when None).
+  ``g_t`` is the clean gradient (``updates``, or computed when None). The
+  EMA starts at ``d_1 = g_1`` (``start="gradient"``, the official code) or
+  at ``d_0 = 0`` (``start="zero"``).
   """
   _contract.check_number(theta, "theta", "vasso", above=0, maximum=1)
+  _contract.check_choice(start, ("gradient", "zero"), "start", "vasso")
   # float32 from the start, so that a Python float and the float32 array
   # optax.inject_hyperparams passes give the same arithmetic.
   decay = 1 - jnp.asarray(theta, jnp.float32)
 
   def init(params: optax.Params) -> VarianceSuppressedAscentState:
-    return VarianceSuppressedAscentState(optax.tree.zeros_like(params))
+    return VarianceSuppressedAscentState(
+      optax.tree.zeros_like(params), jnp.zeros([], jnp.int32)
+    )
 
   def direction(
     updates: optax.Updates | None,
@@ -53,8 +65,13 @@ def variance_suppressed_ascent(
       updates, params, loss_fn, batch
     )
     ascent = optax.tree.update_moment(gradient, state.direction, decay, 1)
+    if start == "gradient":
+      ascent = optax.tree.where(
+        state.count == 0, optax.tree.cast(gradient, jnp.float32), ascent
+      )
     return ascent, VarianceSuppressedAscentState(
-      optax.tree.cast_like(ascent, state.direction)
+      optax.tree.cast_like(ascent, state.direction),
+      optax.safe_increment(state.count),
     )
 
   return _transform.AscentDirection(init=init, direction=direction)
@@ -62,27 +79,27 @@ def variance_suppressed_ascent(
 
 def vasso(
   rho: ArrayLike = 0.05,
-  theta: ArrayLike = 0.4,
+  theta: ArrayLike = 0.9,
   *,
+  start: Start = "gradient",
   perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variance-suppressed sharpness-aware optimization (VaSSO).
 
   .. math::
-    d_t = (1 - \theta)\, d_{t-1} + \theta\, g_t, \quad d_0 = 0, \quad
+    d_t = (1 - \theta)\, d_{t-1} + \theta\, g_t, \quad d_1 = g_1, \quad
     \varepsilon = \rho\, d_t / (\|d_t\| + \delta), \quad
     \text{returns } \nabla L_B(w + \varepsilon),
 
   with ``g_t = ∇L_B(w)`` the clean gradient (``updates``, or computed when
   ``updates`` is None). The EMA ``d_t`` estimates the full gradient with less
   noise than ``g_t``, which stabilizes the ascent. ``theta = 1`` is
-  :func:`sam`; the first step is SAM's for any ``θ`` (``d_1 = θ g_1``
-  normalizes to SAM's direction).
+  :func:`sam`; the first step is SAM's for any ``θ`` and either start.
 
   Cost: two forward-backward passes, as SAM, plus O(d) elementwise work; the
   state holds one copy of the parameters.
 
-  >>> tx = optax.chain(sam_optax.vasso(0.05, theta=0.4), optax.sgd(0.1))
+  >>> tx = optax.chain(sam_optax.vasso(0.05, theta=0.9), optax.sgd(0.1))
   >>> state = tx.init(params)
   >>> grads = jax.grad(lambda p: loss_fn(p, batch).mean())(params)
   >>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn,
@@ -90,15 +107,21 @@ def vasso(
   >>> type(state[0]).__name__
   'VarianceSuppressedAscentState'
 
-  Where the paper is silent: the EMA starts at ``d_0 = 0``. The official
-  code starts it at the first gradient (``d_1 = g_1``), which gives the same
-  first step and afterwards weights the first gradient by ``(1−θ)^{t−1}``
-  instead of ``θ(1−θ)^{t−1}``; the two differ in the first ``~1/θ`` steps
-  only. ``δ = 1e-12`` (the official code's is ``1e-7``).
+  As the official code (BingcongLi/VaSSO, ``solver/vasso.py``) and its
+  training script (``--theta 0.9``): ``θ = 0.9`` by default and the EMA
+  starts at the first gradient, ``d_1 = g_1`` (the paper is silent on the
+  start). ``start="zero"`` starts it at ``d_0 = 0`` instead (this library's
+  form before 0.2), which gives the same first step and afterwards weights
+  the first gradient by ``θ(1−θ)^{t−1}`` instead of ``(1−θ)^{t−1}``; the
+  two differ in the first ``~1/θ`` steps only. ``δ = 1e-12`` (the official
+  code's is ``1e-7``).
 
   Args:
     rho: the perturbation radius ``ρ >= 0`` (finite; checked unless traced).
-    theta: ``θ ∈ (0, 1]``, the EMA's weight on the new gradient.
+    theta: ``θ ∈ (0, 1]``, the EMA's weight on the new gradient (0.9, as the
+      official code's training script).
+    start: ``"gradient"`` (``d_1 = g_1``, the official code) or ``"zero"``
+      (``d_0 = 0``).
     perturb_mask: which leaves to perturb; see :func:`sam`. The EMA covers
       every leaf.
 
@@ -111,7 +134,7 @@ def vasso(
     Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023.
   """
   return _transform.sharpness_aware(
-    variance_suppressed_ascent(theta),
+    variance_suppressed_ascent(theta, start),
     rho,
     normalize=True,
     perturb_mask=perturb_mask,

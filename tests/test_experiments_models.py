@@ -42,6 +42,8 @@ BATCH_NORM_FAMILIES = ("resnet", "resnet_bottleneck", "wide_resnet")
 BATCH_NORM_OPTIMIZERS = ("sam", "m_sam", "rw_sam")
 # Pinned to their formulas in tests/test_new_variants.py; here, with -m slow.
 SLOW_ON_EVERY_FAMILY = ("gsam", "wsam", "vasso", "look_sam", "momentum_sam")
+# Pinned in tests/test_sampa_esam_lookbehind.py; here, with -m slow.
+SLOW_ON_EVERY_FAMILY += ("sampa", "esam", "lookbehind_sam", "multi_step_sam")
 OPTIONS = {
   "m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
   "rw_sam": {"lam": 0.5},

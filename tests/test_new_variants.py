@@ -126,7 +126,7 @@ VARIANTS = {
   "gsam": (lambda: sam_optax.gsam(RHO, ALPHA), gsam_reference, None),
   "wsam": (lambda: sam_optax.wsam(RHO, GAMMA), wsam_reference, None),
   "vasso": (
-    lambda: sam_optax.vasso(RHO, THETA),
+    lambda: sam_optax.vasso(RHO, THETA, start="zero"),
     vasso_reference,
     lambda s, m: (s.direction, m["d"]),
   ),
