@@ -1,6 +1,7 @@
 """Functional-SAM and the preconditioned perturbation (Singh et al. 2025)."""
 
 from collections.abc import Callable
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -15,7 +16,8 @@ from sam_optax import _sam
 from sam_optax import _transform
 
 
-class SplitLoss(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
   """A per-example loss split into the model and a loss of its outputs.
 
   ``SplitLoss(model_fn, output_loss_fn)(params, batch)`` is
@@ -33,7 +35,8 @@ class SplitLoss(NamedTuple):
   (8,)
 
   With Flax NNX, :func:`sam_optax.flax.nnx_split_loss` builds it from the
-  model.
+  model. It is a frozen dataclass (hashable, so a static argument of
+  ``jax.jit``; not a pytree).
 
   Attributes:
     model_fn: ``(params, batch) -> outputs``, any pytree of arrays (the

@@ -7,14 +7,20 @@ repository) on a 20-32-32-10 tanh MLP with fixed weights and batches, 10
 jitted steps in float32, ``batchsplit`` 1 and 2, with the noise each step drew
 (``util.normal_like_tree`` on the step's keys). It was written by::
 
-  cd /work/peer/bsam && venv/bin/python record.py tests/data/bsam_authors.npz
+  git --git-dir=<fetch of github:team-approx-bayes/bayesian-sam> archive \
+    HEAD | tar x -C /work/peer/bsam
+  python3 -m venv /work/peer/bsam/venv
+  /work/peer/bsam/venv/bin/pip install jax==0.4.30 numpy tqdm
+  cp tests/data/bsam_authors_record.py /work/peer/bsam/record.py
+  cd /work/peer/bsam && venv/bin/python record.py \
+    <this repository>/tests/data/bsam_authors.npz
 
-(``record.py`` is reproduced in the docstring of :func:`test_authors_code`'s
-module-level constant ``RECORD_SCRIPT`` summary below.) Their noise comes
-from their own key-splitting scheme, which ``bsam`` does not copy: the test
-passes the recorded draws to ``update`` as ``noise=`` (``bsam``'s explicit
-noise argument), so the two runs see the same ``z`` and everything else is
-computed independently.
+(``bsam_authors_record.py`` imports their ``optim.build_bsam_optimizer`` and
+``util.normal_like_tree``; it is ours, their code is not copied here.) Their
+noise comes from their own key-splitting scheme, which ``bsam`` does not
+copy: the test passes the recorded draws to ``update`` as ``noise=``
+(``bsam``'s explicit noise argument), so both runs see the same ``z`` and
+everything else is computed independently.
 """
 
 import functools
