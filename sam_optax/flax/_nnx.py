@@ -233,13 +233,16 @@ def module_mask(
   select: Callable[[nnx.Module], bool] | nnx.Module | tuple[nnx.Module, ...],
   *,
   wrt: Any = nnx.Param,
-) -> Any:
+) -> Callable[[Any], Any]:
   """A ``perturb_mask`` for the parameters inside some submodules of ``model``.
 
-  True for the variables ``wrt`` of every submodule that ``select`` picks
-  (and of the modules inside it), False elsewhere; shaped like
-  ``nnx.state(model, wrt)``, the parameters ``nnx.Optimizer(model, tx,
-  wrt=wrt)`` passes to the transform.
+  The mask is True for the variables ``wrt`` of every submodule that
+  ``select`` picks (and of the modules inside it), False elsewhere. It is
+  returned as a function of the parameters, ``params -> pytree of bools``,
+  which matches them by their paths (the attribute names), so it fits both
+  the ``nnx.State`` that ``nnx.Optimizer(model, tx, wrt=wrt)`` passes to the
+  transform and ``nnx.state(model, wrt)``. (Inside
+  ``optax.inject_hyperparams`` pass ``static_args=("perturb_mask",)``.)
 
   Args:
     model: the NNX model.
@@ -248,10 +251,10 @@ def module_mask(
     wrt: the filter of the variables the parameters hold.
 
   Returns:
-    A pytree of bools like ``nnx.state(model, wrt)``.
+    ``params -> pytree of bools`` shaped like ``params``.
 
   Raises:
-    ValueError: if ``select`` selects no parameter.
+    ValueError: if ``select`` selects no parameter of ``model``.
   """
   if isinstance(select, nnx.Module):
     select = (select,)
@@ -263,14 +266,15 @@ def module_mask(
     for path, node in nnx.iter_graph(model)
     if isinstance(node, nnx.Module) and select(node)
   }
-  params = nnx.state(model, wrt)
 
   def inside(path: Any, _: Any) -> bool:
     names = tuple(_key_name(k) for k in path)
     return any(names[:n] in selected for n in range(len(names) + 1))
 
-  mask = jax.tree_util.tree_map_with_path(inside, params)
-  if not any(jax.tree.leaves(mask)):
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(inside, params)
+
+  if not any(jax.tree.leaves(mask(nnx.state(model, wrt)))):
     raise ValueError(
       "module_mask: no parameter of the model is inside the selected"
       " modules; pass a submodule of the model (e.g. model.head) or a"
@@ -279,12 +283,15 @@ def module_mask(
   return mask
 
 
-def normalization_mask(model: nnx.Module, *, wrt: Any = nnx.Param) -> Any:
+def normalization_mask(
+  model: nnx.Module, *, wrt: Any = nnx.Param
+) -> Callable[[Any], Any]:
   """SAM-ON's ``perturb_mask``: only the normalization layers' parameters.
 
   True for the scales and biases of every
   :data:`NORMALIZATION_LAYERS` layer (BatchNorm, LayerNorm, RMSNorm,
-  GroupNorm, InstanceNorm), False elsewhere. SAM-ON (Müller et al., NeurIPS
+  GroupNorm, InstanceNorm), False elsewhere (a function of the parameters,
+  as :func:`module_mask` returns). SAM-ON (Müller et al., NeurIPS
   2023, `Normalization Layers Are All That Sharpness-Aware Minimization
   Needs <https://arxiv.org/abs/2306.04226>`_) is
   ``sam(rho, perturb_mask=normalization_mask(model))`` with a larger ``ρ``
@@ -300,7 +307,7 @@ def normalization_mask(model: nnx.Module, *, wrt: Any = nnx.Param) -> Any:
 
 def output_layer_mask(
   model: nnx.Module, layer: nnx.Module, *, wrt: Any = nnx.Param
-) -> Any:
+) -> Callable[[Any], Any]:
   """Logits-SAM's ``perturb_mask``: only the output layer's parameters.
 
   ``layer`` is the submodule producing the logits (``model.head``; NNX

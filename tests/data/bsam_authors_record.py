@@ -38,7 +38,7 @@ HP = dict(
 
 def init_weights(rng):
   params = {}
-  for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+  for i, (fan_in, fan_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):  # noqa: RUF007
     params[f"layer{i}"] = {
       "w": (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(
         np.float32
