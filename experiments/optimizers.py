@@ -34,6 +34,15 @@ VARIANTS: dict[
   "vasso": sam_optax.vasso,
   "look_sam": sam_optax.look_sam,
   "momentum_sam": sam_optax.momentum_sam,
+  # --- Issue 19 (variants-b) ---
+  # functional_sam needs loss_fn split into a model and a loss of its
+  # outputs (sam_optax.SplitLoss), which the experiments' loss_fn is not, and
+  # bsam is a whole optimizer (it ends the chain, no SGD after it): neither
+  # fits chain(variant, add_decayed_weights, sgd); see
+  # experiments/functional_sam_lm.py for functional_sam.
+  "preconditioned_sam": sam_optax.preconditioned_sam,
+  "gcsam": sam_optax.gcsam,
+  # --- end variants-b ---
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
 (None: plain SGD)."""

@@ -418,3 +418,41 @@ def test_bad_calls():
     sam_optax.bsam(**HP, micro_batch_size=3).update(
       None, state, params, loss_fn=mlp_loss, batch=batch, key=jax.random.key(0)
     )
+
+
+def test_apply_if_finite_around_bsam_sees_only_the_clean_gradient():
+  """Pins the documented limit: ``apply_if_finite(bsam)`` tests the clean
+  gradient it is given, which bSAM does not use, so a NaN at the noisy or
+  perturbed point (the loss NaN outside a box that ``w`` is inside) passes
+  into the update and the state."""
+  params = mlp_params(jax.random.key(0))
+  batch = _batches(1)[0]
+
+  def walled(p, b):
+    distance = jnp.max(
+      jnp.stack(
+        [
+          jnp.max(jnp.abs(x - c))
+          for x, c in zip(
+            jax.tree.leaves(p), jax.tree.leaves(params), strict=True
+          )
+        ]
+      )
+    )
+    return mlp_loss(p, b) * jnp.where(distance < 1e-6, 1.0, jnp.nan)
+
+  tx = optax.apply_if_finite(sam_optax.bsam(**HP), 3)
+  grads = _grad(params, batch)  # finite: w is inside the box
+  updates, state = tx.update(
+    grads,
+    tx.init(params),
+    params,
+    loss_fn=walled,
+    batch=batch,
+    key=jax.random.key(0),
+  )
+  assert bool(state.last_finite)
+  assert not np.all(np.isfinite(np.asarray(updates["hidden"]["kernel"])))
+  assert not np.all(
+    np.isfinite(np.asarray(state.inner_state.momentum["hidden"]["kernel"]))
+  )
