@@ -21,6 +21,7 @@ import pytest
 import sam_optax
 
 from _problems import add
+from _problems import compiled_flops
 from _problems import global_norm
 from _problems import mlp_batch
 from _problems import mlp_params
@@ -440,3 +441,31 @@ def test_split_loss_is_a_loss_fn():
   )
   assert LOSS(params, batch).shape == (8,)
   assert not LOSS.couples_examples
+
+
+def test_cost_is_sams():
+  """Compiled FLOPs of one step (``updates=None``): Functional-SAM's two
+  passes cost SAM's, less the loss's own backward at ``w + ε`` (the
+  cotangent is reused): within half a forward pass of SAM, so no pass more
+  or less; with the clean gradient given it adds at most one forward pass at
+  ``w`` (the cotangent needs the clean outputs)."""
+  params = mlp_params(jax.random.key(0), in_dim=64, hidden=128, out_dim=10)
+  batch = mlp_batch(jax.random.key(1), size=128, in_dim=64, out_dim=10)
+  split = sam_optax.SplitLoss(model_fn, output_loss_fn)
+  bound = 32 * sum(x.size for x in jax.tree.leaves(params))
+  forward = compiled_flops(lambda p: split(p, batch), params)
+
+  def cost(tx, grads):
+    return compiled_flops(
+      lambda p, g: tx.update(g, tx.init(p), p, loss_fn=split, batch=batch)[0],
+      params,
+      grads,
+    )
+
+  clean = jax.grad(lambda p: split(p, batch).mean())(params)
+  sam = cost(sam_optax.sam(RHO), None)
+  functional = cost(sam_optax.functional_sam(RHO), None)
+  assert 0 <= sam - functional <= forward / 2, (functional, sam, forward)
+  given = cost(sam_optax.functional_sam(RHO), clean)
+  sam_given = cost(sam_optax.sam(RHO), clean)
+  assert 0 <= given - sam_given <= forward + bound, (given, sam_given)
