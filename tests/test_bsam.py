@@ -232,8 +232,9 @@ def _run(tx, batches, noises, use_jit=False, micro=None):
 
 def _reference_run(batches, noises, hp, mask=None, micro=None):
   params, memory, outs, memories = mlp_params(jax.random.key(0)), {}, [], []
-  for batch, noise in zip(batches, noises):
-    out, memory = bsam_reference(params, batch, memory, noise, hp, mask, micro)
+  step = jax.jit(lambda p, b, m, z: bsam_reference(p, b, m, z, hp, mask, micro))
+  for batch, noise in zip(batches, noises, strict=True):
+    out, memory = step(params, batch, memory, noise)
     outs.append(out)
     memories.append(memory)
     params = optax.apply_updates(params, out)
@@ -247,7 +248,9 @@ def _batches(count=4):
 @pytest.mark.parametrize(
   "micro, mask, use_jit",
   [
-    pytest.param(None, None, True, id="whole_batch-jit"),
+    pytest.param(
+      None, None, True, id="whole_batch-jit", marks=pytest.mark.slow
+    ),
     pytest.param(
       None, None, False, id="whole_batch-no_jit", marks=pytest.mark.slow
     ),
@@ -271,6 +274,7 @@ def test_formula(micro, mask, use_jit):
     chex.assert_trees_all_close(state.momentum, memory["m"], **TOL)
 
 
+@pytest.mark.slow
 def test_key_draws_the_noise():
   """With ``key``, the noise is ``z = N(0, 1)`` drawn per leaf and per
   micro-batch: the same as passing those draws as ``noise``; different keys
@@ -286,8 +290,10 @@ def test_key_draws_the_noise():
     treedef,
     [jax.random.normal(k, (2, *x.shape)) for k, x in zip(keys, leaves)],
   )
-  update = functools.partial(
-    tx.update, None, state, params, loss_fn=mlp_loss, batch=batch
+  update = jax.jit(
+    functools.partial(
+      tx.update, None, state, params, loss_fn=mlp_loss, batch=batch
+    )
   )
   by_key, _ = update(key=key)
   by_noise, _ = update(noise=draws)
@@ -352,6 +358,7 @@ def test_schedule_and_inject_hyperparams():
   chex.assert_trees_all_close(outs, fixed, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ends_a_chain():
   """``chain(clip, bsam)`` is bSAM: the clean gradient (what ``clip``
   clips) is not used, so transforms of it before bSAM change nothing."""
@@ -360,7 +367,7 @@ def test_ends_a_chain():
   noise = _noise(params, 1, seed=0)[0]
   alone = sam_optax.bsam(**HP)
   chained = optax.chain(optax.clip_by_global_norm(1e-3), sam_optax.bsam(**HP))
-  a, _ = alone.update(
+  a, _ = jax.jit(alone.update, static_argnames="loss_fn")(
     _grad(params, batch),
     alone.init(params),
     params,
@@ -368,7 +375,7 @@ def test_ends_a_chain():
     batch=batch,
     noise=noise,
   )
-  b, _ = chained.update(
+  b, _ = jax.jit(chained.update, static_argnames="loss_fn")(
     _grad(params, batch),
     chained.init(params),
     params,
@@ -420,6 +427,7 @@ def test_bad_calls():
     )
 
 
+@pytest.mark.slow
 def test_apply_if_finite_around_bsam_sees_only_the_clean_gradient():
   """Pins the documented limit: ``apply_if_finite(bsam)`` tests the clean
   gradient it is given, which bSAM does not use, so a NaN at the noisy or
@@ -443,7 +451,7 @@ def test_apply_if_finite_around_bsam_sees_only_the_clean_gradient():
 
   tx = optax.apply_if_finite(sam_optax.bsam(**HP), 3)
   grads = _grad(params, batch)  # finite: w is inside the box
-  updates, state = tx.update(
+  updates, state = jax.jit(tx.update, static_argnames="loss_fn")(
     grads,
     tx.init(params),
     params,

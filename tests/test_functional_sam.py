@@ -198,6 +198,7 @@ def test_in_chain(name):
     chex.assert_trees_all_close(updates, expected, **TOL)
 
 
+@pytest.mark.slow
 def test_functional_gradient_differs_from_sam():
   """The logit path is dropped: Functional-SAM's gradient is not SAM's."""
   params, batch = _params(), _batches(1)[0]
@@ -443,6 +444,7 @@ def test_split_loss_is_a_loss_fn():
   assert not LOSS.couples_examples
 
 
+@pytest.mark.slow
 def test_cost_is_sams():
   """Compiled FLOPs of one step (``updates=None``): Functional-SAM's two
   passes cost SAM's, less the loss's own backward at ``w + ε`` (the

@@ -63,10 +63,11 @@ def _expected_step(scope, rho, direction_of):
   def loss(p):
     return scope["per_example_loss"](nnx.merge(graphdef, p), batch).mean()
 
-  g = jax.grad(loss)(params)
+  grad = jax.jit(jax.grad(loss))
+  g = grad(params)
   u = direction_of(g)
   eps = jax.tree.map(lambda x: rho * x / (_norm(u) + 1e-12), u)
-  g_adv = jax.grad(loss)(jax.tree.map(jnp.add, params, eps))
+  g_adv = grad(jax.tree.map(jnp.add, params, eps))
   return params, g_adv
 
 
