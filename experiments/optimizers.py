@@ -38,6 +38,13 @@ VARIANTS: dict[
   "esam": sam_optax.esam,
   "lookbehind_sam": sam_optax.lookbehind_sam,
   "multi_step_sam": sam_optax.multi_step_sam,
+  # functional_sam needs loss_fn split into a model and a loss of its
+  # outputs (sam_optax.SplitLoss), which the experiments' loss_fn is not, and
+  # bsam is a whole optimizer (it ends the chain, no SGD after it): neither
+  # fits chain(variant, add_decayed_weights, sgd); see
+  # experiments/functional_sam_lm.py for functional_sam.
+  "preconditioned_sam": sam_optax.preconditioned_sam,
+  "gcsam": sam_optax.gcsam,
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
 (None: plain SGD)."""

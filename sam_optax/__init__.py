@@ -22,6 +22,9 @@ from sam_optax import reference
 from sam_optax._asam import adaptive_scale
 from sam_optax._asam import asam
 from sam_optax._asam import not_bias_mask
+from sam_optax._bsam import bsam
+from sam_optax._bsam import bsam_variance
+from sam_optax._bsam import BsamState
 from sam_optax._calibration import calibrate_sigma
 from sam_optax._calibration import SigmaCalibration
 from sam_optax._contract import LossFn
@@ -30,6 +33,15 @@ from sam_optax._esam import esam
 from sam_optax._f_sam import f_sam
 from sam_optax._f_sam import friendly_ascent
 from sam_optax._f_sam import FriendlyAscentState
+from sam_optax._functional_sam import functional_sam
+from sam_optax._functional_sam import preconditioned_ascent
+from sam_optax._functional_sam import preconditioned_sam
+from sam_optax._functional_sam import PreconditionedAscentState
+from sam_optax._functional_sam import SplitLoss
+from sam_optax._gcsam import centralize
+from sam_optax._gcsam import centralized_ascent
+from sam_optax._gcsam import gcsam
+from sam_optax._gcsam import gradient_centralization
 from sam_optax._gradient_norms import finite_difference_gradient_norms
 from sam_optax._gradient_norms import per_example_gradient_norms
 from sam_optax._gsam import gsam
@@ -74,6 +86,7 @@ __version__ = "0.1.0"
 # reference (the definitions the fast forms are tested against).
 __all__ = (
   "AscentDirection",
+  "BsamState",
   "DecoupledWsamState",
   "DirectionFn",
   "FriendlyAscentState",
@@ -81,15 +94,21 @@ __all__ = (
   "LookbehindSamState",
   "LossFn",
   "MomentumSamState",
+  "PreconditionedAscentState",
   "ReweightedAscentState",
   "SampaState",
   "SharpnessAwareStep",
   "SigmaCalibration",
+  "SplitLoss",
   "VarianceSuppressedAscentState",
   "adaptive_scale",
   "asam",
   "ascent_set_ascent",
+  "bsam",
+  "bsam_variance",
   "calibrate_sigma",
+  "centralize",
+  "centralized_ascent",
   "clean_gradient_ascent",
   "data_parallel_m_sam",
   "diagnostics",
@@ -97,7 +116,10 @@ __all__ = (
   "f_sam",
   "finite_difference_gradient_norms",
   "friendly_ascent",
+  "functional_sam",
+  "gcsam",
   "gibbs_weights",
+  "gradient_centralization",
   "gsam",
   "look_sam",
   "lookbehind_sam",
@@ -107,6 +129,8 @@ __all__ = (
   "n_sam",
   "not_bias_mask",
   "per_example_gradient_norms",
+  "preconditioned_ascent",
+  "preconditioned_sam",
   "reference",
   "reweighted_ascent",
   "rw_asam",

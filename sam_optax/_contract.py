@@ -403,3 +403,59 @@ def check_divides(
       f"{f' ({why})' if why else ''}; divisors of {total}: {divisors}."
     )
   return total // value
+
+
+# --- Leaf shapes (bsam's explicit noise) -------------------------------------
+
+
+def check_leaf_shapes(
+  tree: Any,
+  reference: Any,
+  argument: str,
+  transform_name: str,
+  reference_name: str = "params",
+  *,
+  leading: tuple[int, ...] = (),
+) -> None:
+  """Raises unless ``tree`` is like ``reference`` with leaves of shape
+  ``leading + reference leaf's shape``, naming the first leaf that is not.
+
+  Raises:
+    ValueError: on a different structure or a leaf of another shape.
+  """
+  check_same_structure(tree, reference, argument, transform_name)
+  paths = jax.tree_util.tree_leaves_with_path(reference)
+  for (path, ref), leaf in zip(paths, jax.tree.leaves(tree), strict=True):
+    expected = (*leading, *jnp.shape(ref))
+    if jnp.shape(leaf) != expected:
+      raise ValueError(
+        f"{transform_name}: `{argument}` leaf"
+        f" {jax.tree_util.keystr(path) or '(the root)'} must have shape"
+        f" {expected} (the {reference_name} leaf's shape"
+        f"{' after a leading axis of ' + str(leading) if leading else ''}),"
+        f" got {jnp.shape(leaf)}."
+      )
+
+
+# --- A loss split into a model and a loss of its outputs (functional_sam) ----
+
+
+def require_split_loss(loss_fn: Any, transform_name: str) -> Any:
+  """Returns ``loss_fn`` if it has callable ``model_fn`` and
+  ``output_loss_fn`` (a :class:`sam_optax.SplitLoss`), else raises.
+
+  Raises:
+    TypeError: saying how to build one.
+  """
+  if callable(getattr(loss_fn, "model_fn", None)) and callable(
+    getattr(loss_fn, "output_loss_fn", None)
+  ):
+    return loss_fn
+  raise TypeError(
+    f"{transform_name}.update needs `loss_fn` split into the model and a loss"
+    " of its outputs: pass sam_optax.SplitLoss(model_fn, output_loss_fn),"
+    " with model_fn(params, batch) -> outputs (the logits) and"
+    " output_loss_fn(outputs, batch) -> per-example losses [B] (with Flax"
+    " NNX: sam_optax.flax.nnx_split_loss(model, forward, output_loss)); got"
+    f" {type(loss_fn).__name__}."
+  )

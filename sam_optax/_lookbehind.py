@@ -106,7 +106,7 @@ class LookbehindSamState(NamedTuple):
     base_state: the base optimizer's state.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   slow: optax.Params
   offset: optax.Updates
   base_state: optax.OptState

@@ -22,7 +22,7 @@ class VarianceSuppressedAscentState(NamedTuple):
   """
 
   direction: optax.Updates
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 Start = Literal["gradient", "zero"]

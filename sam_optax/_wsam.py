@@ -21,7 +21,7 @@ class DecoupledWsamState(NamedTuple):
     base_state: the base optimizer's state.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   base_state: optax.OptState
 
 

@@ -44,6 +44,8 @@ BATCH_NORM_OPTIMIZERS = ("sam", "m_sam", "rw_sam")
 SLOW_ON_EVERY_FAMILY = ("gsam", "wsam", "vasso", "look_sam", "momentum_sam")
 # Pinned in tests/test_sampa_esam_lookbehind.py; here, with -m slow.
 SLOW_ON_EVERY_FAMILY += ("sampa", "esam", "lookbehind_sam", "multi_step_sam")
+# Pinned in tests/test_functional_sam.py; here, with -m slow.
+SLOW_ON_EVERY_FAMILY += ("preconditioned_sam", "gcsam")
 OPTIONS = {
   "m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
   "rw_sam": {"lam": 0.5},

@@ -45,11 +45,23 @@ if importlib.util.find_spec("flax") is None:  # pragma: no cover
 from sam_optax.flax._linen import linen_clean_pass
 from sam_optax.flax._linen import linen_loss_fn
 from sam_optax.flax._linen import LinenCleanPass
+
+# Issue 19 (variants-b): a split loss and parameter masks from a model.
+from sam_optax.flax._nnx import module_mask
 from sam_optax.flax._nnx import nnx_loss_fn
+from sam_optax.flax._nnx import nnx_split_loss
+from sam_optax.flax._nnx import NORMALIZATION_LAYERS
+from sam_optax.flax._nnx import normalization_mask
+from sam_optax.flax._nnx import output_layer_mask
 
 __all__ = (
+  "NORMALIZATION_LAYERS",
   "LinenCleanPass",
   "linen_clean_pass",
   "linen_loss_fn",
+  "module_mask",
   "nnx_loss_fn",
+  "nnx_split_loss",
+  "normalization_mask",
+  "output_layer_mask",
 )

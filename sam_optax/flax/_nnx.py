@@ -156,3 +156,166 @@ def nnx_loss_fn(
 
   setattr(loss_fn, _per_example.COUPLES_EXAMPLES, coupled)
   return loss_fn
+
+
+# --- Issue 19 (variants-b): a split loss and parameter masks from a model ----
+
+
+def nnx_split_loss(
+  model: nnx.Module,
+  forward: Callable[[nnx.Module, Any], Any],
+  output_loss: Callable[[Any, Any], jax.Array],
+  *,
+  wrt: Any = nnx.Param,
+) -> Any:
+  """The :class:`sam_optax.SplitLoss` of an NNX model, for ``functional_sam``.
+
+  ``model_fn(params, batch) = forward(model', batch)`` (the outputs, e.g. the
+  logits), with ``model'`` the fresh copy :func:`nnx_loss_fn` builds (the
+  same rules for BatchNorm statistics and dropout masks), and
+  ``output_loss_fn = output_loss``, ``(outputs, batch) -> losses [B]``.
+  Called as a loss it is ``output_loss(forward(model', batch), batch)``, so
+  every other transform takes it too. Build it in the train step, like
+  :func:`nnx_loss_fn`:
+
+  .. code-block:: python
+
+    def forward(model, batch):
+      return model(batch["tokens"])                      # logits [B, T, V]
+
+    def output_loss(logits, batch):                      # losses [B]
+      return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["targets"]).mean(axis=-1)
+
+    @nnx.jit
+    def train_step(model, optimizer, batch):
+      grads = nnx.grad(
+        lambda m: output_loss(forward(m, batch), batch).mean())(model)
+      loss_fn = sam_optax.flax.nnx_split_loss(model, forward, output_loss)
+      optimizer.update(model, grads, loss_fn=loss_fn, batch=batch)
+
+  Args:
+    model: the NNX model, in the mode the passes should run in.
+    forward: ``forward(model, batch) -> outputs``.
+    output_loss: ``output_loss(outputs, batch) -> per-example losses [B]``.
+    wrt: the filter of the variables ``params`` holds (``nnx.Param``).
+
+  Returns:
+    A :class:`sam_optax.SplitLoss` (its ``couples_examples`` as
+    :func:`nnx_loss_fn`'s).
+  """
+  from sam_optax import _functional_sam  # pylint: disable=g-import-not-at-top
+
+  return _functional_sam.SplitLoss(
+    nnx_loss_fn(model, forward, wrt=wrt), output_loss
+  )
+
+
+NORMALIZATION_LAYERS = (
+  nnx.BatchNorm,
+  nnx.LayerNorm,
+  nnx.RMSNorm,
+  nnx.GroupNorm,
+  nnx.InstanceNorm,
+)
+"""The layers :func:`normalization_mask` selects (their scales and biases)."""
+
+
+def _key_name(key: Any) -> Any:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return getattr(key, attribute)
+  return key
+
+
+def module_mask(
+  model: nnx.Module,
+  select: Callable[[nnx.Module], bool] | nnx.Module | tuple[nnx.Module, ...],
+  *,
+  wrt: Any = nnx.Param,
+) -> Callable[[Any], Any]:
+  """A ``perturb_mask`` for the parameters inside some submodules of ``model``.
+
+  The mask is True for the variables ``wrt`` of every submodule that
+  ``select`` picks (and of the modules inside it), False elsewhere. It is
+  returned as a function of the parameters, ``params -> pytree of bools``,
+  which matches them by their paths (the attribute names), so it fits both
+  the ``nnx.State`` that ``nnx.Optimizer(model, tx, wrt=wrt)`` passes to the
+  transform and ``nnx.state(model, wrt)``. (Inside
+  ``optax.inject_hyperparams`` pass ``static_args=("perturb_mask",)``.)
+
+  Args:
+    model: the NNX model.
+    select: ``module -> bool``, or a submodule (or a tuple of them), matched
+      by identity (``model.head``).
+    wrt: the filter of the variables the parameters hold.
+
+  Returns:
+    ``params -> pytree of bools`` shaped like ``params``.
+
+  Raises:
+    ValueError: if ``select`` selects no parameter of ``model``.
+  """
+  if isinstance(select, nnx.Module):
+    select = (select,)
+  if isinstance(select, tuple):
+    chosen = select
+    select = lambda module: any(module is m for m in chosen)
+  selected = {
+    tuple(path)
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Module) and select(node)
+  }
+
+  def inside(path: Any, _: Any) -> bool:
+    names = tuple(_key_name(k) for k in path)
+    return any(names[:n] in selected for n in range(len(names) + 1))
+
+  def mask(params: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(inside, params)
+
+  if not any(jax.tree.leaves(mask(nnx.state(model, wrt)))):
+    raise ValueError(
+      "module_mask: no parameter of the model is inside the selected"
+      " modules; pass a submodule of the model (e.g. model.head) or a"
+      " predicate that selects one."
+    )
+  return mask
+
+
+def normalization_mask(
+  model: nnx.Module, *, wrt: Any = nnx.Param
+) -> Callable[[Any], Any]:
+  """SAM-ON's ``perturb_mask``: only the normalization layers' parameters.
+
+  True for the scales and biases of every
+  :data:`NORMALIZATION_LAYERS` layer (BatchNorm, LayerNorm, RMSNorm,
+  GroupNorm, InstanceNorm), False elsewhere (a function of the parameters,
+  as :func:`module_mask` returns). SAM-ON (Müller et al., NeurIPS
+  2023, `Normalization Layers Are All That Sharpness-Aware Minimization
+  Needs <https://arxiv.org/abs/2306.04226>`_) is
+  ``sam(rho, perturb_mask=normalization_mask(model))`` with a larger ``ρ``
+  than SAM's (the normalization parameters are a small part of ``‖w‖``).
+
+  Raises:
+    ValueError: if the model has no normalization layer with parameters.
+  """
+  return module_mask(
+    model, lambda node: isinstance(node, NORMALIZATION_LAYERS), wrt=wrt
+  )
+
+
+def output_layer_mask(
+  model: nnx.Module, layer: nnx.Module, *, wrt: Any = nnx.Param
+) -> Callable[[Any], Any]:
+  """Logits-SAM's ``perturb_mask``: only the output layer's parameters.
+
+  ``layer`` is the submodule producing the logits (``model.head``; NNX
+  orders a model's attributes by name, so it is not guessed). With tied
+  embeddings it is the embedding, and the perturbation then moves the
+  input embedding too. Logits-SAM (Luo et al., `Sharpness-Aware
+  Minimization in Logit Space Efficiently Enhances Direct Preference
+  Optimization <https://arxiv.org/abs/2603.18258>`_, 2026) is
+  ``sam(rho, perturb_mask=output_layer_mask(model, model.head))``.
+  """
+  return module_mask(model, layer, wrt=wrt)
