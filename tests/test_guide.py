@@ -32,9 +32,13 @@ TABLE_START = (
 TABLE_END = "<!-- end of the variants table -->"
 
 
+# Whole optimizers, which end the chain, take the learning rate first.
+WHOLE_OPTIMIZERS = {"bsam"}
+
+
 def package_variants() -> set[str]:
   """The transforms in ``sam_optax.__all__``: functions of ``rho`` first
-  that return an optax ``GradientTransformation``."""
+  that return an optax ``GradientTransformation``, and the whole optimizers."""
   names = set()
   for name in sam_optax.__all__:
     value = getattr(sam_optax, name)
@@ -44,7 +48,7 @@ def package_variants() -> set[str]:
     parameters = list(signature.parameters)
     returns = signature.return_annotation
     if (
-      parameters[:1] == ["rho"]
+      (parameters[:1] == ["rho"] or name in WHOLE_OPTIMIZERS)
       and inspect.isclass(returns)
       and issubclass(returns, optax.GradientTransformation)
     ):
