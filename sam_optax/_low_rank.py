@@ -524,7 +524,9 @@ def mean_gradient(
   mask = _perturbation.resolve_mask(perturb_mask, params, name)
   leaves, treedef = jax.tree.flatten(params)
   mask_leaves = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
-  one = jax.tree.map(lambda x: x[0], micro_batches)
+  one = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro_batches
+  )
   plan = make_plan(loss_fn, params, one, mask)
   chunk_mean = functools.partial(_chunk_mean, plan, rho, normalize, mask_leaves)
   if per_chunk == count:
