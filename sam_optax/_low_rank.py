@@ -55,7 +55,7 @@ in training mode) sees each micro-batch alone, as in the other forms, and a
 batch sharded over devices keeps each device's micro-batches where they live.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import functools
 import math
 from typing import Any, NamedTuple
@@ -181,7 +181,6 @@ def find_dense_layers(jaxpr: Any, num_params: int) -> tuple[DenseLayer, ...]:
       if activation not in batch_dependent:
         break
       w_contract = (contract_0, contract_1)[weight_operand]
-      a_contract = (contract_0, contract_1)[1 - weight_operand]
       w_shape = var.aval.shape
       a_shape = activation.aval.shape
       d_in = math.prod(w_shape[i] for i in w_contract)
@@ -195,7 +194,6 @@ def find_dense_layers(jaxpr: Any, num_params: int) -> tuple[DenseLayer, ...]:
           d_out=math.prod(w_shape) // max(d_in, 1),
         )
       )
-      del a_contract
       break
   return tuple(layers)
 
@@ -246,9 +244,6 @@ def make_plan(
 
 
 # --- The interpreter ----------------------------------------------------------
-
-Hook = Callable[[DenseLayer, Any, list[Any]], Any]
-"""``(layer, eqn, operands) -> output`` of a factored ``dot_general``."""
 
 
 def _evaluate(jaxpr: Any, args: Sequence[Any], hooks: dict[int, Any]) -> Any:
