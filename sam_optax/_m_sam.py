@@ -7,17 +7,23 @@ written once (it *is* a :func:`sam` step on that micro-batch) and mapped over
 the micro-batches (:mod:`sam_optax._micro_batches`).
 """
 
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 import optax
 
 from sam_optax import _contract
+from sam_optax import _low_rank
 from sam_optax import _micro_batches
 from sam_optax import _perturbation
 from sam_optax import _sam
 from sam_optax import _transform
+
+Implementation = _micro_batches.Implementation | Literal["low_rank"]
+IMPLEMENTATIONS = (*_micro_batches.IMPLEMENTATIONS, "low_rank")
+"""m-SAM's forms: those of :mod:`sam_optax._micro_batches`, and the low-rank
+form of :mod:`sam_optax._low_rank`."""
 
 
 def micro_batch_step(
@@ -44,7 +50,7 @@ def m_sam(
   micro_batch_size: int,
   *,
   normalize: bool = True,
-  implementation: _micro_batches.Implementation = "auto",
+  implementation: Implementation = "auto",
   micro_batches_per_chunk: int | None = None,
   perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -88,6 +94,16 @@ def m_sam(
     The fastest form on a CPU, where XLA's grouped convolutions are slow
     (measured: about SAM's step time, against 1.8× for ``"vmap"``), but
     compile time and program size grow with ``k``.
+  - ``"low_rank"``: dense layers are not copied per micro-batch. A dense
+    layer's micro-batch gradient ``G_j = X_jᵀ Δ_j`` has rank at most the
+    micro-batch's rows ``n``, so ``x'(W + c_j G_j) = x'W + c_j (x'X_jᵀ) Δ_j``:
+    one shared matmul plus ``n × n`` products (:mod:`sam_optax._low_rank`).
+    Layers are found by tracing ``loss_fn``; a layer is factored where
+    ``n (d_in + d_out) < d_in d_out``, and every other leaf (biases,
+    convolutions, embeddings, anything unrecognized) gets per-micro-batch
+    copies of that leaf alone. The same result as the other forms; on a
+    64-layer MLP about SAM's bytes and memory at any ``m`` (1-SAM included)
+    where the copy forms hold ``k`` weight copies (the guide's m-SAM page).
   - ``"auto"`` (default): ``"unrolled"`` on a CPU backend for at most 32
     micro-batches in flight and an unsharded batch, ``"vmap"`` otherwise
     (compile time grows with the unrolled count; BENCHMARKS.md).
@@ -112,7 +128,8 @@ def m_sam(
     micro_batch_size: ``m``, the examples per micro-batch; must divide the
       batch size.
     normalize: m-SAM (True) or m-USAM (False, ``ε_j = ρ g_{B_j}``).
-    implementation: ``"auto"``, ``"vmap"`` or ``"unrolled"``, see above.
+    implementation: ``"auto"``, ``"vmap"``, ``"unrolled"`` or
+      ``"low_rank"``, see above.
     micro_batches_per_chunk: how many micro-batches are processed at once
       (must divide ``k``); None processes all ``k`` at once.
     perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
@@ -133,7 +150,7 @@ def m_sam(
     micro_batch_size, "micro_batch_size", name
   )
   _contract.check_choice(
-    implementation, _micro_batches.IMPLEMENTATIONS, "implementation", name
+    implementation, IMPLEMENTATIONS, "implementation", name
   )
   if micro_batches_per_chunk is not None:
     micro_batches_per_chunk = _contract.check_integer(
@@ -144,6 +161,18 @@ def m_sam(
   )
 
   def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
+    if implementation == "low_rank":
+      return _low_rank.mean_gradient(
+        loss_fn,
+        params,
+        batch,
+        micro_batch_size,
+        rho=rho,
+        normalize=normalize,
+        perturb_mask=perturb_mask,
+        micro_batches_per_chunk=micro_batches_per_chunk,
+        name=name,
+      )
     return _micro_batches.mean_over_micro_batches(
       micro_batch_step(sam_step, loss_fn),
       params,
