@@ -82,6 +82,30 @@ def _accurate(squares: jax.Array, size: int) -> jax.Array:
   return jnp.isfinite(squares) & (squares >= floor)
 
 
+def _choose(
+  plain: jax.Array,
+  plain_fn: Callable[[Any], Any],
+  scaled_fn: Callable[[Any], Any],
+  tree: Any,
+) -> Any:
+  """``plain_fn(tree)`` where ``plain``, else ``scaled_fn(tree)``.
+
+  A ``lax.cond``, so that only one branch runs. Under a mesh with explicit
+  axes (``jax.set_mesh``) both are computed and one selected: there a
+  ``vmap`` of ``lax.cond`` over a sharded axis (m-SAM's micro-batches of a
+  sharded batch) fails in JAX 0.10 ("All operands should have the same
+  sharding"), and under ``vmap`` a ``cond`` computes both branches anyway.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and any(
+    kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types
+  ):
+    return jax.tree.map(
+      lambda a, b: jnp.where(plain, a, b), plain_fn(tree), scaled_fn(tree)
+    )
+  return jax.lax.cond(plain, plain_fn, scaled_fn, tree)
+
+
 def _scaled_norm(tree: Any) -> jax.Array:
   """``a ‖x/a‖`` with ``a = max_j |x_j|``: finite for any finite ``x``."""
   scale = magnitude_scale(tree)
@@ -103,7 +127,7 @@ def global_norm(tree: Any) -> jax.Array:
   if size == 0:
     return jnp.zeros([], dtype)
   squares = optax.tree.norm(tree, squared=True)
-  return jax.lax.cond(
+  return _choose(
     _accurate(squares, size),
     lambda tree: jnp.sqrt(squares),
     _scaled_norm,
@@ -132,15 +156,19 @@ def _normalizing_factors(
     & jnp.isfinite(factor)
     & ((factor >= tiny) | (rho == 0))
   )
-  one = jnp.ones([], factor.dtype)
+  # 1 with factor's type: inside jax.shard_map it varies over the mesh axes
+  # that the tree and ρ vary over, and every output of both branches is
+  # multiplied by it (exactly), so that the branches' types match.
+  one = jnp.ones_like(factor)
 
   def scaled(tree: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     largest = magnitude_scale(tree)
     root = jax.lax.rsqrt(largest)
     norm = optax.tree.norm(divide(tree, largest))
-    return root, root / (norm + NORM_EPS / largest), rho
+    second = root / (norm + NORM_EPS / largest)
+    return root * one, second * one, rho * one
 
-  return jax.lax.cond(plain, lambda tree: (factor, one, one), scaled, tree)
+  return _choose(plain, lambda tree: (factor, one, one), scaled, tree)
 
 
 def resolve_mask(
