@@ -35,6 +35,9 @@ or dropout in training mode) and ``"batch_of_one"`` otherwise, so a plain
 """
 
 from collections.abc import Callable
+import functools
+import itertools
+import math
 from typing import Any, Literal
 
 import jax
@@ -47,22 +50,68 @@ PerExampleGradients = Literal["auto", "batch_of_one", "jacobian"]
 PER_EXAMPLE_GRADIENTS = ("auto", "batch_of_one", "jacobian")
 COUPLES_EXAMPLES = "couples_examples"
 """The attribute of a ``loss_fn`` that declares it coupled (``"auto"``)."""
+_BITS = 32
+"""Random signs per word of :func:`rademacher_like`'s draw."""
+_ONE_FLOAT32_BITS = 0x3F800000
+"""The bits of float32's 1.0 (its sign bit 0)."""
 
 
 def rademacher_like(key: jax.Array, tree: Any) -> Any:
   """A Rademacher probe: independent ``±1`` entries shaped like ``tree``.
 
+  One draw of packed random bits serves the whole tree:
+  ``jax.random.bits(key)`` gives ``Σ_l ⌈n_l/32⌉`` uint32 words for leaves of
+  ``n_l`` entries, each leaf taking the next ``⌈n_l/32⌉`` words (in
+  ``jax.tree.leaves`` order), and entry ``32 i + j`` of a leaf (row-major) is
+  ``+1`` if bit ``j`` of its word ``i`` is 0, ``-1`` if it is 1. Every bit of
+  the counter-based generator is an independent fair coin, so the entries
+  are independent and each is ``±1`` with probability 1/2. That is one
+  generator call of about ``N/32`` words for ``N`` entries and an
+  elementwise unpacking (fused by XLA into the probe's users), where a
+  ``jax.random.rademacher`` per leaf costs a key split, a generator call of
+  ``N`` words and a compilation of the generator per leaf. The same key and
+  leaf shapes give the same probe.
+
   Args:
     key: a PRNG key.
-    tree: a pytree of arrays (the parameters).
+    tree: a pytree of arrays (the parameters); only the leaves' shapes are
+      used.
 
   Returns:
     A pytree like ``tree`` with float32 leaves, each entry ``+1`` or ``-1``
     with probability 1/2.
   """
-  return optax.tree.random_like(
-    key, tree, sampler=jax.random.rademacher, dtype=jnp.float32
-  )
+  leaves, treedef = jax.tree.flatten(tree)
+  shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
+  return jax.tree.unflatten(treedef, _packed_signs(key, shapes))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _packed_signs(key: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> Any:
+  """:func:`rademacher_like`'s leaves, for leaves of these ``shapes``.
+
+  Jitted (one compilation per tuple of shapes), so that outside ``jit`` a
+  tree of many leaves is not sliced and unpacked op by op.
+  """
+  sizes = [math.prod(shape) for shape in shapes]
+  counts = [-(-size // _BITS) for size in sizes]  # words per leaf
+  words = jax.random.bits(key, (sum(counts),), jnp.uint32)
+  shifts = jnp.arange(_BITS, dtype=jnp.uint32)
+  starts = itertools.accumulate(counts, initial=0)
+  probe = []
+  for start, count, size, shape in zip(
+    starts, counts, sizes, shapes, strict=False
+  ):
+    leaf_words = words[start : start + count]
+    # Bit j of the word, moved to the sign bit of float32's 1.0: ±1.
+    signs = jnp.left_shift(
+      jnp.right_shift(leaf_words[:, None], shifts), _BITS - 1
+    )
+    ones = jax.lax.bitcast_convert_type(
+      jnp.bitwise_or(signs, _ONE_FLOAT32_BITS), jnp.float32
+    )
+    probe.append(ones.reshape(-1)[:size].reshape(shape))
+  return probe
 
 
 def couples_examples(loss_fn: _contract.LossFn) -> bool:

@@ -8,11 +8,17 @@ does the same two things:
    as in USAM), where ``T`` is ASAM's elementwise scale and ``T = 1`` otherwise;
 2. the gradient handed on, ``∇L_B(w + ε)``.
 
-Norms are global L2 norms over every leaf, accumulated in float32 whatever the
-parameters' dtype and scaled by the largest entry so that no finite gradient
-overflows them, and ``δ = 1e-12`` guards the division, so a zero direction
-gives a zero perturbation, never NaN. A ``perturb_mask`` restricts ``ε`` (and
-the norm) to some leaves.
+Norms are global L2 norms over every leaf, accumulated in float32 (float64
+when a leaf is float64, under ``jax_enable_x64``), and ``δ = 1e-12`` guards
+the division. On the common path a norm is the plain ``sqrt(Σ x²)`` and ``ε``
+one multiplication per entry, the cost of the step written by hand. Only
+when that sum is not finite (overflow: ``‖x‖ ≳ 1.8e19`` in float32) or too
+small to be accurate (squares flushed to zero), or the factor ``ρ/(‖u‖ + δ)``
+is not representable (a huge ``ρ``), a ``lax.cond`` takes the scaled
+computation, which divides by the largest entry first, so that no finite
+direction overflows, a zero direction gives ``ε = 0`` exactly at any finite
+``ρ``, never NaN, and ``‖ε‖ = ρ`` for any finite nonzero one. A
+``perturb_mask`` restricts ``ε`` (and the norm) to some leaves.
 """
 
 from collections.abc import Callable
@@ -53,16 +59,116 @@ def divide(tree: Any, scale: jax.Array) -> Any:
   return jax.tree.map(lambda x: (x * root) * root, tree)
 
 
-def global_norm(tree: Any) -> jax.Array:
-  """The global L2 norm over every leaf, accumulated in float32.
+def accumulation_dtype(*trees: Any) -> jnp.dtype:
+  """float64 if a leaf of ``trees`` is float64 (under ``jax_enable_x64``),
+  else float32: the dtype norms and ``ε`` are computed in."""
+  for leaf in jax.tree.leaves(trees):
+    if jnp.result_type(leaf) == jnp.float64:
+      return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
 
-  Computed as ``a ‖x/a‖`` with ``a = max_j |x_j|``, so it stays finite for any
-  finite ``x`` (a plain float32 sum of squares overflows from ``‖x‖ ≈
-  1.8e19``).
+
+def _size(tree: Any) -> int:
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def _accurate(squares: jax.Array, size: int) -> jax.Array:
+  """Whether a plain ``Σ x²`` over ``size`` entries is its true value to a
+  rounding: finite (nothing overflowed), and at least ``size · tiny / eps``,
+  so that squares flushed to zero (each below ``tiny``) lose at most ``eps``
+  of it."""
+  info = jnp.finfo(squares.dtype)
+  floor = size * float(info.tiny) / float(info.eps)
+  return jnp.isfinite(squares) & (squares >= floor)
+
+
+def _choose(
+  plain: jax.Array,
+  plain_fn: Callable[[Any], Any],
+  scaled_fn: Callable[[Any], Any],
+  tree: Any,
+) -> Any:
+  """``plain_fn(tree)`` where ``plain``, else ``scaled_fn(tree)``.
+
+  A ``lax.cond``, so that only one branch runs. Under a mesh with explicit
+  axes (``jax.set_mesh``) both are computed and one selected: there a
+  ``vmap`` of ``lax.cond`` over a sharded axis (m-SAM's micro-batches of a
+  sharded batch) fails in JAX 0.10 ("All operands should have the same
+  sharding"), and under ``vmap`` a ``cond`` computes both branches anyway.
   """
-  tree = optax.tree.cast(tree, jnp.float32)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and any(
+    kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types
+  ):
+    return jax.tree.map(
+      lambda a, b: jnp.where(plain, a, b), plain_fn(tree), scaled_fn(tree)
+    )
+  return jax.lax.cond(plain, plain_fn, scaled_fn, tree)
+
+
+def _scaled_norm(tree: Any) -> jax.Array:
+  """``a ‖x/a‖`` with ``a = max_j |x_j|``: finite for any finite ``x``."""
   scale = magnitude_scale(tree)
   return scale * optax.tree.norm(divide(tree, scale))
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """The global L2 norm over every leaf (float32, or float64 for float64
+  leaves).
+
+  The plain ``sqrt(Σ x²)`` (one pass) when that sum is finite and not so
+  small that squares flushed to zero matter; otherwise (``‖x‖ ≳ 1.8e19`` in
+  float32, tiny entries, a zero ``x``) ``a ‖x/a‖`` with ``a = max_j |x_j|``,
+  so it stays finite for any finite ``x``.
+  """
+  dtype = accumulation_dtype(tree)
+  tree = optax.tree.cast(tree, dtype)
+  size = _size(tree)
+  if size == 0:
+    return jnp.zeros([], dtype)
+  squares = optax.tree.norm(tree, squared=True)
+  return _choose(
+    _accurate(squares, size),
+    lambda tree: jnp.sqrt(squares),
+    _scaled_norm,
+    tree,
+  )
+
+
+def _normalizing_factors(
+  tree: Any, rho: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Scalars ``(a, b, c)`` with ``((x a) b) c = ρ x / (‖x‖ + δ)`` entrywise.
+
+  Common path: ``(ρ/(‖x‖ + δ), 1, 1)`` from the plain norm, so ``ε`` is one
+  multiplication per entry (multiplying by 1 is exact). Otherwise, with
+  ``m = max_j |x_j|`` (1 if zero or not finite) and ``r = m^{-1/2}``:
+  ``(r, r/(‖x/m‖ + δ/m), ρ)``. Then ``|x r| ≤ √m``, ``|x r b| ≤ 1`` and
+  each factor is a normal number for any finite ``x`` and ``ρ``; a zero
+  ``x`` gives ``((0 a) b) c = 0`` at any finite ``ρ``.
+  """
+  size = _size(tree)
+  squares = optax.tree.norm(tree, squared=True)
+  factor = rho / (jnp.sqrt(squares) + NORM_EPS)
+  tiny = jnp.finfo(factor.dtype).tiny
+  plain = (
+    _accurate(squares, size)
+    & jnp.isfinite(factor)
+    & ((factor >= tiny) | (rho == 0))
+  )
+  # 1 with factor's type: inside jax.shard_map it varies over the mesh axes
+  # that the tree and ρ vary over, and every output of both branches is
+  # multiplied by it (exactly), so that the branches' types match.
+  one = jnp.ones_like(factor)
+
+  def scaled(tree: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    largest = magnitude_scale(tree)
+    root = jax.lax.rsqrt(largest)
+    norm = optax.tree.norm(divide(tree, largest))
+    second = root / (norm + NORM_EPS / largest)
+    return root * one, second * one, rho * one
+
+  return _choose(plain, lambda tree: (factor, one, one), scaled, tree)
 
 
 def resolve_mask(
@@ -115,13 +221,16 @@ def perturbation(
   scale: Any | None = None,
   mask: Any | None = None,
 ) -> Any:
-  """The ascent perturbation ``ε`` (float32 leaves).
+  """The ascent perturbation ``ε`` (float32 leaves; float64 for float64 ones).
 
   ``ε = ρ T ⊙ u / (‖u‖ + δ)`` with ``u = T ⊙ M ⊙ d`` if ``normalize`` (SAM,
   ASAM), else ``ε = ρ T ⊙ u`` (USAM); ``T = 1`` when ``scale`` is None and
   ``M`` (0 or 1 per leaf) is ``mask``, 1 everywhere when None. The normalized
-  form divides ``u`` by its largest magnitude first, so ``‖ε‖ = ρ`` for any
-  finite nonzero ``u`` (no overflow to ``ε = 0``).
+  form costs one pass for ``‖u‖`` and one multiplication per entry; when the
+  plain norm overflows or underflows, or ``ρ/(‖u‖ + δ)`` does, it divides
+  ``u`` by its largest magnitude first (see :func:`_normalizing_factors`),
+  so ``‖ε‖ = ρ`` for any finite nonzero ``u`` and ``ε = 0`` exactly for
+  ``u = 0``, at any finite ``ρ``.
 
   Args:
     direction: the ascent direction ``d``, a pytree like the parameters.
@@ -133,25 +242,36 @@ def perturbation(
       perturbed and do not count in the norm. None perturbs every leaf.
 
   Returns:
-    ``ε``, a pytree like ``direction`` with float32 leaves.
+    ``ε``, a pytree like ``direction`` with float32 leaves (float64 if
+    ``direction`` or ``scale`` has a float64 leaf).
   """
-  scaled = apply_mask(optax.tree.cast(direction, jnp.float32), mask)
+  dtype = accumulation_dtype(direction, scale)
+  scaled = apply_mask(optax.tree.cast(direction, dtype), mask)
   if scale is not None:
-    scaled = optax.tree.mul(optax.tree.cast(scale, jnp.float32), scaled)
-  factor = jnp.asarray(rho, jnp.float32)
-  if normalize:
-    # u / (‖u‖ + δ) = (u/a) / (‖u/a‖ + δ/a): the same, without overflow.
-    magnitude = magnitude_scale(scaled)
-    scaled = divide(scaled, magnitude)
-    factor = factor / (optax.tree.norm(scaled) + NORM_EPS / magnitude)
-  epsilon = optax.tree.scale(factor, scaled)
+    scale = optax.tree.cast(scale, dtype)
+    scaled = optax.tree.mul(scale, scaled)
+  rho = jnp.asarray(rho, dtype)
+  if not normalize:
+    factors: tuple[jax.Array, ...] = (rho,)
+  elif _size(scaled) == 0:
+    factors = ()
+  else:
+    factors = _normalizing_factors(scaled, rho)
+
+  def multiply(x: jax.Array) -> jax.Array:
+    for factor in factors:
+      x = x * factor
+    return x
+
+  epsilon = jax.tree.map(multiply, scaled)
   if scale is not None:
-    epsilon = optax.tree.mul(optax.tree.cast(scale, jnp.float32), epsilon)
+    epsilon = optax.tree.mul(scale, epsilon)
   return epsilon
 
 
 def unit_vector(tree: Any) -> Any:
-  """``x / (‖x‖ + δ)`` (float32 leaves; zero for a zero ``x``, never NaN).
+  """``x / (‖x‖ + δ)`` (float32 leaves, float64 for float64 ones; zero for a
+  zero ``x``, never NaN).
 
   :func:`perturbation` with ``ρ = 1``: no finite ``x`` overflows it.
   """
@@ -160,13 +280,14 @@ def unit_vector(tree: Any) -> Any:
 
 def orthogonal_part(tree: Any, onto: Any) -> Any:
   """``x − (x·û) û`` with ``û = u / (‖u‖ + δ)``: ``x`` less its component
-  along ``u`` (float32 leaves).
+  along ``u`` (float32 leaves, float64 if either has float64 ones).
 
   ``x`` itself when ``u = 0``. ``x·û`` is bounded by ``‖x‖`` (``û`` has norm
   at most one), so it overflows only if ``x`` does.
   """
-  tree = optax.tree.cast(tree, jnp.float32)
-  direction = unit_vector(onto)
+  dtype = accumulation_dtype(tree, onto)
+  tree = optax.tree.cast(tree, dtype)
+  direction = unit_vector(optax.tree.cast(onto, dtype))
   return optax.tree.add_scale(
     tree, -optax.tree.vdot(tree, direction), direction
   )

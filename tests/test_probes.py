@@ -1,0 +1,213 @@
+"""The Rademacher probe: its distribution, its reproducibility, its edge cases.
+
+``rademacher_like`` unpacks one draw of random bits into every leaf (32
+signs a word, each leaf starting on a new word). These tests pin what a user of the probe relies on: entries
+exactly ``±1``, each with probability 1/2, independent across entries,
+across leaves and across the bits of a word, the same probe for the same key
+(under ``jit`` and ``vmap`` too), and any leaf shapes. The keys are fixed, so
+each statistical bound is a deterministic check; the bounds are five
+standard deviations of the statistic under the claimed distribution.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_optax import _per_example
+
+SIGMAS = 5.0
+WORD = 32
+
+
+def _probe(key, tree):
+  return _per_example.rademacher_like(key, tree)
+
+
+def _flat(tree):
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return np.zeros((0,), np.float32)
+  return np.concatenate([np.ravel(np.asarray(x)) for x in leaves])
+
+
+@pytest.fixture(scope="module")
+def large():
+  """About 2^21 entries over leaves of several shapes, sizes not multiples
+  of 32 included. Returns the tree, all its signs flattened, and the first
+  leaf's (word-aligned: entry ``32 i + j`` is bit ``j`` of word ``i``)."""
+  tree = {
+    "a": jnp.zeros((1024, 1024)),
+    "b": jnp.zeros((333, 777)),
+    "c": jnp.zeros((4097,)),
+    "d": jnp.zeros((3, 5, 7, 11)),
+  }
+  probe = _probe(jax.random.key(0), tree)
+  return tree, _flat(probe), np.ravel(np.asarray(probe["a"]))
+
+
+def _bound(samples):
+  """Five standard deviations of the mean of ``samples`` products of
+  independent fair signs (each ``±1``, variance 1)."""
+  return SIGMAS / np.sqrt(samples)
+
+
+def test_entries_are_exactly_plus_or_minus_one_in_float32(large):
+  tree, flat, _ = large
+  probe = _probe(jax.random.key(0), tree)
+  for leaf, like in zip(jax.tree.leaves(probe), jax.tree.leaves(tree)):
+    assert leaf.dtype == jnp.float32
+    assert leaf.shape == like.shape
+  assert np.all(np.abs(flat) == 1.0)
+
+
+def test_each_sign_has_probability_one_half(large):
+  _, flat, _ = large
+  size = flat.size
+  plus = int(np.sum(flat > 0))
+  # Binomial(n, 1/2): mean n/2, standard deviation sqrt(n)/2.
+  assert abs(plus - size / 2) <= SIGMAS * np.sqrt(size) / 2
+
+
+def test_every_bit_position_is_fair(large):
+  """Entry ``32 i + j`` comes from bit ``j`` of word ``i``: each of the 32
+  positions is a fair coin (a chi-square over the positions, and each on its
+  own)."""
+  _, _, aligned = large
+  words = aligned.reshape(-1, WORD)
+  plus = np.sum(words > 0, axis=0)
+  n = words.shape[0]
+  assert np.all(np.abs(plus - n / 2) <= SIGMAS * np.sqrt(n) / 2)
+  chi_square = float(np.sum((plus - n / 2) ** 2 / (n / 4)))
+  # chi-square with 32 degrees of freedom: mean 32, sd 8.
+  assert chi_square <= 32 + SIGMAS * 8
+
+
+def test_neighbouring_entries_are_uncorrelated(large):
+  _, flat, _ = large
+  for lag in (1, 2, 31, WORD, 33, 64, 1000):
+    correlation = float(np.mean(flat[:-lag] * flat[lag:]))
+    assert abs(correlation) <= _bound(flat.size - lag), lag
+
+
+def test_bits_of_one_word_are_uncorrelated(large):
+  """Every pair of bit positions ``(j, k)`` of the same word, and the last
+  bit of a word with the first of the next (a word boundary)."""
+  _, _, aligned = large
+  words = aligned.reshape(-1, WORD)
+  n = words.shape[0]
+  correlations = words.T @ words / n  # [32, 32]
+  off_diagonal = correlations[~np.eye(WORD, dtype=bool)]
+  assert np.max(np.abs(off_diagonal)) <= _bound(n)
+  boundary = float(np.mean(words[:-1, -1] * words[1:, 0]))
+  assert abs(boundary) <= _bound(n - 1)
+
+
+def test_leaves_are_uncorrelated(large):
+  tree, _, _ = large
+  probe = _probe(jax.random.key(0), tree)
+  a = np.ravel(np.asarray(probe["a"]))
+  b = np.ravel(np.asarray(probe["b"]))
+  c = np.ravel(np.asarray(probe["c"]))
+  # The same positions of two leaves, and a leaf's start against another's.
+  for x, y in ((a, b), (a, c), (b, c)):
+    n = min(x.size, y.size)
+    assert abs(float(np.mean(x[:n] * y[:n]))) <= _bound(n)
+
+
+def test_three_entries_are_jointly_fair(large):
+  """Triples of consecutive entries take each of their 8 sign patterns with
+  probability 1/8 (pairwise correlations alone miss e.g. ``x_3 = x_1 x_2``)."""
+  _, flat, _ = large
+  n = flat.size // 3
+  triples = (flat[: 3 * n].reshape(n, 3) > 0).astype(np.int64)
+  pattern = triples @ np.asarray([4, 2, 1])
+  counts = np.bincount(pattern, minlength=8)
+  chi_square = float(np.sum((counts - n / 8) ** 2 / (n / 8)))
+  assert chi_square <= 7 + SIGMAS * np.sqrt(14)  # 7 degrees of freedom
+
+
+def test_the_same_key_gives_the_same_probe_under_jit_and_vmap():
+  tree = {"w": jnp.zeros((5, 7)), "b": jnp.zeros(3)}
+  key = jax.random.key(42)
+  eager = _flat(_probe(key, tree))
+  np.testing.assert_array_equal(_flat(_probe(key, tree)), eager)
+  np.testing.assert_array_equal(_flat(jax.jit(_probe)(key, tree)), eager)
+  keys = jax.random.split(key, 3)
+  batched = jax.vmap(lambda k: _probe(k, tree))(keys)
+  for i in range(3):
+    one = jax.tree.map(lambda x, i=i: x[i], batched)
+    np.testing.assert_array_equal(_flat(one), _flat(_probe(keys[i], tree)))
+
+
+def test_the_probe_depends_on_the_leaves_shapes_only():
+  """Not on their values or dtypes: the parameters and their gradient (as
+  RW-SAM's calibration uses both) get the same probe."""
+  key = jax.random.key(3)
+  tree = {"w": jnp.ones((4, 9)), "b": jnp.arange(3.0)}
+  other = {"w": jnp.zeros((4, 9), jnp.bfloat16), "b": jnp.zeros(3)}
+  np.testing.assert_array_equal(
+    _flat(_probe(key, tree)), _flat(_probe(key, other))
+  )
+  assert all(
+    x.dtype == jnp.float32 for x in jax.tree.leaves(_probe(key, other))
+  )
+
+
+def test_different_keys_give_different_probes():
+  tree = {"w": jnp.zeros((64, 64))}
+  a = _flat(_probe(jax.random.key(0), tree))
+  b = _flat(_probe(jax.random.key(1), tree))
+  assert abs(float(np.mean(a * b))) <= _bound(a.size)
+  # A key folded with the step, as RW-SAM's docs advise.
+  c = _flat(_probe(jax.random.fold_in(jax.random.key(0), 1), tree))
+  assert abs(float(np.mean(a * c))) <= _bound(a.size)
+
+
+@pytest.mark.parametrize(
+  "shapes",
+  [
+    [()],
+    [(0,)],
+    [(1,)],
+    [(0, 5), (3,)],
+    [(31,), (1,), (33,)],
+    [(7,), (), (2, 3, 5)],
+  ],
+  ids=["scalar", "empty", "one", "empty_and_odd", "around_a_word", "mixed"],
+)
+def test_any_leaf_shapes(shapes):
+  tree = [jnp.zeros(shape) for shape in shapes]
+  probe = _probe(jax.random.key(0), tree)
+  assert jax.tree.structure(probe) == jax.tree.structure(tree)
+  for leaf, shape in zip(probe, shapes):
+    assert leaf.shape == shape and leaf.dtype == jnp.float32
+    assert np.all(np.abs(np.asarray(leaf)) == 1.0)
+  np.testing.assert_array_equal(
+    _flat(jax.jit(_probe)(jax.random.key(0), tree)), _flat(probe)
+  )
+
+
+def test_many_leaves():
+  """128 leaves of one entry each (and one of 1000): each leaf its own word,
+  the signs fair and not all equal."""
+  tree = [jnp.zeros(()) for _ in range(128)] + [jnp.zeros(1000)]
+  probe = _probe(jax.random.key(0), tree)
+  assert jax.tree.structure(probe) == jax.tree.structure(tree)
+  assert [x.shape for x in probe] == [x.shape for x in tree]
+  signs = _flat(probe[:-1])
+  assert np.all(np.abs(signs) == 1.0)
+  assert abs(float(np.mean(signs))) <= _bound(signs.size)
+
+
+def test_an_empty_tree_and_python_scalars():
+  assert _probe(jax.random.key(0), {}) == {}
+  probe = _probe(jax.random.key(0), {"x": 1.0, "y": None})
+  assert probe["y"] is None
+  assert probe["x"].shape == () and abs(float(probe["x"])) == 1.0
+
+
+def test_legacy_uint32_keys():
+  tree = {"w": jnp.zeros((3, 3))}
+  probe = _probe(jax.random.PRNGKey(0), tree)
+  assert np.all(np.abs(np.asarray(probe["w"])) == 1.0)
