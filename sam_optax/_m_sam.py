@@ -4,7 +4,8 @@ m-SAM splits the batch into ``k = B / m`` contiguous micro-batches, perturbs
 each with its own gradient and averages the perturbed gradients. The papers'
 code runs the micro-batches one after another; here one micro-batch's step is
 written once (it *is* a :func:`sam` step on that micro-batch) and mapped over
-the micro-batches (:mod:`sam_optax._micro_batches`).
+the micro-batches in one of the forms of :mod:`sam_optax._micro_batches`,
+which ``implementation="auto"`` picks by a cost model.
 """
 
 from typing import Any
@@ -73,8 +74,8 @@ def m_sam(
   ``rho``, use ``optax.inject_hyperparams(sam_optax.m_sam,
   static_args=("micro_batch_size",))``.
 
-  The micro-batches are processed together, with the FLOPs of one SAM step
-  on the whole batch; ``implementation`` picks how:
+  All micro-batches together take the FLOPs of one SAM step on the whole
+  batch; ``implementation`` picks how they are laid out:
 
   - ``"vmap"``: ``jax.vmap`` of the per-micro-batch step. Each micro-batch
     has its own perturbed weights, so its layers become batched matrix
@@ -85,12 +86,26 @@ def m_sam(
     :func:`data_parallel_m_sam` for the explicit ``shard_map`` form).
   - ``"unrolled"``: a Python loop inside the traced function: ``k``
     independent subgraphs, dense layers only, which XLA schedules freely.
-    The fastest form on a CPU, where XLA's grouped convolutions are slow
-    (measured: about SAM's step time, against 1.8× for ``"vmap"``), but
-    compile time and program size grow with ``k``.
-  - ``"auto"`` (default): ``"unrolled"`` on a CPU backend for at most 32
-    micro-batches in flight and an unsharded batch, ``"vmap"`` otherwise
-    (compile time grows with the unrolled count; BENCHMARKS.md).
+    The fastest form on a CPU where the model has few leaves (the small
+    CNN: 0.72× SAM's step time, against 1.9–2.3× for ``"vmap"``), but
+    compile time and program size grow with ``k`` times the leaves.
+  - ``"sequential"``: a ``lax.scan`` over the micro-batches inside the step,
+    adding each micro-batch's gradient to a float32 sum: one micro-batch's
+    perturbed weights and gradient in flight, one compiled body whatever
+    ``k``. The form for models whose weights outweigh their activations
+    with many leaves on a CPU; slow where the loop body has convolutions on
+    XLA:CPU (the small CNN: 11× SAM).
+  - ``"auto"`` (default): the cheapest of the above by a cost model
+    (:mod:`sam_optax._micro_batches`): it reads the parameter bytes and
+    leaves, one micro-batch's activation bytes and whether there are
+    convolutions (from the jaxpr of ``loss_fn`` on one micro-batch: shapes
+    only, nothing runs), ``k``, the backend and whether the batch is
+    sharded. On a CPU it unrolls while ``k`` × leaves ≤ 512 (compile time),
+    else takes ``"sequential"`` without convolutions and ``"vmap"`` with
+    them; on an accelerator it takes ``"vmap"``, in chunks where ``k``
+    copies would not fit in half the device memory; a sharded batch always
+    takes ``"vmap"``. The table of what it picks is in the guide's m-SAM
+    page.
 
   Memory: with ``c`` micro-batches in flight, a step holds about
   ``c · (A_m + 3P)`` floats on top of its inputs, with ``P`` the number of
@@ -100,11 +115,11 @@ def m_sam(
   ``A_B = k A_m`` plus ``3kP``. ``micro_batches_per_chunk = c`` bounds it:
   chunks of ``c`` micro-batches run one after another in a loop
   (``optax.microbatching.microbatch``, a ``lax.fori_loop``), each chunk
-  mapped as above. ``c = k`` (or None) is one chunk, the fastest; ``c = 1``
-  is the sequential loop, the leanest. On a CPU, XLA (jax 0.10) runs the
+  mapped as above. ``c = k`` (or None) is one chunk; ``c = 1``
+  is one micro-batch at a time, as ``"sequential"``. On a CPU, XLA (jax 0.10) runs the
   backward convolutions inside loop bodies without its YNNPACK kernels, so
-  chunked steps took 7–20× SAM's time there: chunk for memory on
-  accelerators. The chunk loop averages in float32; which micro-batches
+  chunked steps took 7–20× SAM's time there with convolutions: chunk for
+  memory on accelerators. The chunk loop averages in float32; which micro-batches
   share a chunk does not change the result.
 
   Args:
@@ -112,7 +127,8 @@ def m_sam(
     micro_batch_size: ``m``, the examples per micro-batch; must divide the
       batch size.
     normalize: m-SAM (True) or m-USAM (False, ``ε_j = ρ g_{B_j}``).
-    implementation: ``"auto"``, ``"vmap"`` or ``"unrolled"``, see above.
+    implementation: ``"auto"``, ``"vmap"``, ``"unrolled"`` or
+      ``"sequential"``, see above.
     micro_batches_per_chunk: how many micro-batches are processed at once
       (must divide ``k``); None processes all ``k`` at once.
     perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
@@ -151,6 +167,7 @@ def m_sam(
       micro_batch_size,
       implementation=implementation,
       micro_batches_per_chunk=micro_batches_per_chunk,
+      loss_fn=loss_fn,
       name=name,
     )
 
