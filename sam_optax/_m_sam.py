@@ -100,9 +100,9 @@ def m_sam(
     leaves, one micro-batch's activation bytes and whether there are
     convolutions (from the jaxpr of ``loss_fn`` on one micro-batch: shapes
     only, nothing runs), ``k``, the backend and whether the batch is
-    sharded. On a CPU it unrolls while ``k`` × leaves ≤ 512 (compile time),
-    else takes ``"sequential"`` without convolutions and ``"vmap"`` with
-    them; on an accelerator it takes ``"vmap"``, in chunks where ``k``
+    sharded. On a CPU it unrolls while ``k`` × leaves ≤ 512 (compile time)
+    and activations outweigh weights, else takes ``"sequential"`` without
+    convolutions and ``"vmap"`` with them; on an accelerator it takes ``"vmap"``, in chunks where ``k``
     copies would not fit in half the device memory; a sharded batch always
     takes ``"vmap"``. The table of what it picks is in the guide's m-SAM
     page.

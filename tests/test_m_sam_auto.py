@@ -19,13 +19,14 @@ MIB = 2**20
 
 
 def _work(**overrides):
-  """A CPU workload of 8 micro-batches of a 16-leaf dense model."""
+  """A CPU workload of 8 micro-batches of a 16-leaf dense model whose
+  activations outweigh its weights (weight fraction 0.16)."""
   fields = dict(
     backend="cpu",
     micro_batches=8,
     param_bytes=4 * MIB,
     param_leaves=16,
-    activation_bytes=1 * MIB,
+    activation_bytes=32 * MIB,
     has_convolutions=False,
   )
   fields.update(overrides)
@@ -44,6 +45,22 @@ class ChoiceTest(parameterized.TestCase):
     self.assertEqual(_plan(), ("unrolled", None))
     self.assertEqual(_plan(has_convolutions=True, param_leaves=10).implementation,
                      "unrolled")  # fmt: skip
+
+  def test_cpu_weights_outweighing_activations_loop_in_graph(self):
+    # Deep MLPs (weight fraction 0.9): the unrolled form's k live weight
+    # copies cost more than a lax.scan reusing one copy's buffers.
+    weighty = dict(param_bytes=4 * MIB, activation_bytes=MIB // 2)
+    self.assertGreater(_work(**weighty).weight_fraction, 0.9)
+    self.assertEqual(_plan(**weighty).implementation, "sequential")
+    # ... but not with convolutions in the loop body (XLA:CPU's slow path).
+    self.assertEqual(
+      _plan(has_convolutions=True, param_leaves=10, **weighty).implementation,
+      "unrolled",
+    )
+    # Transformer LMs (weight fraction 0.05): unrolled.
+    self.assertEqual(
+      _plan(activation_bytes=100 * MIB).implementation, "unrolled"
+    )
 
   def test_cpu_many_leaves_without_convolutions_loops_in_graph(self):
     # 64-layer MLP: 128 leaves x 8 micro-batches exceeds the unrolled
