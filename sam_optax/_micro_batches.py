@@ -278,6 +278,16 @@ def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
   return found
 
 
+def _dtype(x: Any) -> Any:
+  """``x``'s dtype, extended ones (PRNG keys) included."""
+  return getattr(x, "dtype", None) or jnp.result_type(x)
+
+
+def _itemsize(dtype: Any) -> int:
+  """Bytes per element; 0 for a dtype without a size (a PRNG key type)."""
+  return int(getattr(dtype, "itemsize", 0) or 0)
+
+
 def _walk(jaxpr: Any, totals: list[int], repeat: int = 1) -> None:
   for equation in jaxpr.eqns:
     if equation.primitive.name == "conv_general_dilated":
@@ -293,7 +303,7 @@ def _walk(jaxpr: Any, totals: list[int], repeat: int = 1) -> None:
       shape = getattr(aval, "shape", None)
       dtype = getattr(aval, "dtype", None)
       if shape is not None and dtype is not None:
-        totals[0] += repeat * math.prod(shape) * jnp.dtype(dtype).itemsize
+        totals[0] += repeat * math.prod(shape) * _itemsize(dtype)
 
 
 def loss_profile(loss_fn: Any, params: Any, micro_batch: Any) -> LossProfile:
@@ -306,7 +316,7 @@ def loss_profile(loss_fn: Any, params: Any, micro_batch: Any) -> LossProfile:
   (``conv_general_dilated``) anywhere sets ``has_convolutions``.
   """
   shapes = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), _dtype(x)),
     (params, micro_batch),
   )
   closed = jax.make_jaxpr(loss_fn)(*shapes)
@@ -347,8 +357,7 @@ def workload(
     backend=jax.default_backend(),
     micro_batches=leaves[0].shape[0],
     param_bytes=sum(
-      math.prod(jnp.shape(x)) * jnp.result_type(x).itemsize
-      for x in parameter_leaves
+      math.prod(jnp.shape(x)) * _itemsize(_dtype(x)) for x in parameter_leaves
     ),
     param_leaves=len(parameter_leaves),
     activation_bytes=profile.activation_bytes,

@@ -171,6 +171,19 @@ class WorkloadTest(chex.TestCase):
     )
     self.assertGreater(ten.activation_bytes, 5 * one.activation_bytes)
 
+  def test_profile_with_prng_keys(self):
+    # Flax losses carry PRNG keys (dropout): extended dtypes are counted
+    # by their size, not rejected.
+    params = {"w": jnp.ones((3, 3))}
+    batch = {"x": jnp.ones((2, 3)), "key": jax.random.split(jax.random.key(0))}
+
+    def loss(p, b):
+      noise = jax.random.uniform(b["key"][0], (3,))
+      return jnp.tanh(b["x"] @ p["w"] + noise).sum(-1)
+
+    profile = _micro_batches.loss_profile(loss, params, batch)
+    self.assertGreater(profile.activation_bytes, 0)
+
   def test_workload_counts_parameters_and_micro_batches(self):
     params = mlp_params(jax.random.key(0))
     batch = mlp_batch(jax.random.key(1), size=8)
