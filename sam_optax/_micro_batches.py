@@ -351,7 +351,11 @@ def workload(
   parameter_leaves = jax.tree.leaves(params)
   profile = LossProfile(0, False)
   if loss_fn is not None:
-    first = jax.tree.map(lambda x: x[0], micro_batches)
+    # Shapes only: a batch sharded over devices is not sliced.
+    first = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], _dtype(x)),
+      micro_batches,
+    )
     profile = loss_profile(loss_fn, params, first)
   return Workload(
     backend=jax.default_backend(),
@@ -443,17 +447,16 @@ def _mean_of_chunk(
     return jax.tree.map(lambda g: jnp.mean(g, axis=0), results)
   _check_unsharded(micro_batches, implementation, name)
   if implementation == "sequential":
-    # One micro-batch per iteration: a single weight copy in flight.
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(
-      lambda s: jnp.zeros(s.shape, s.dtype),
-      jax.eval_shape(step, params, first),
-    )
+    # One micro-batch per iteration: a single weight copy in flight. The
+    # sum starts from the first micro-batch's result (not from zeros), so
+    # the carry has the result's type, varying axes under shard_map included.
+    first = step(params, jax.tree.map(lambda x: x[0], micro_batches))
 
     def body(total: Any, micro_batch: Any) -> tuple[Any, None]:
       return optax.tree.add(total, step(params, micro_batch)), None
 
-    total, _ = jax.lax.scan(body, zeros, micro_batches)
+    rest = jax.tree.map(lambda x: x[1:], micro_batches)
+    total, _ = jax.lax.scan(body, first, rest)
     return optax.tree.scale(1.0 / count, total)
   # Unrolled: c independent subgraphs in one program, which XLA schedules
   # freely (on a CPU this beats the grouped convolutions that vmap produces).
@@ -496,8 +499,9 @@ def mean_over_micro_batches(
     if micro_batches_per_chunk is None:
       plan = resolve_implementation("auto", params, micro_batches, loss_fn)
     else:
-      chunk = jax.tree.map(lambda x: x[:micro_batches_per_chunk], micro_batches)
-      plan = resolve_implementation("auto", params, chunk, loss_fn)
+      # The form of one chunk: a workload of c micro-batches.
+      work = workload(params, micro_batches, loss_fn)
+      plan = choose(work._replace(micro_batches=micro_batches_per_chunk))
       plan = Plan(plan.implementation, micro_batches_per_chunk)
     implementation = plan.implementation  # type: ignore[assignment]
     micro_batches_per_chunk = plan.micro_batches_per_chunk
