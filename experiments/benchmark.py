@@ -87,6 +87,8 @@ class Setup:
   micro_batch_sizes: tuple[int, ...]
   chunked_micro_batch_size: int
   sequential_micro_batch_sizes: tuple[int, ...]
+  per_example_loss: Callable[..., Any] = steps_lib.per_example_loss
+  """``(model, batch) -> (losses [B], aux)``, the loss of every pass."""
 
 
 @dataclasses.dataclass
@@ -147,14 +149,14 @@ def transform_runner(
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     tx = base if make is None else optax.chain(make(), base)
     loss_fn = steps_lib.passes_loss_fn(
-      setup.graphdef, setup.params, setup.state
+      setup.graphdef, setup.params, setup.state, setup.per_example_loss
     )
 
     def train_step(params, state, opt_state, batch, key):
       _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
         setup.graphdef,
         state,
-        steps_lib.per_example_loss,
+        setup.per_example_loss,
         params,
         batch,
         has_aux=True,
@@ -209,7 +211,7 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
     sam = sam_optax.sam(RHO)
     loss_fn = steps_lib.passes_loss_fn(
-      setup.graphdef, setup.params, setup.state
+      setup.graphdef, setup.params, setup.state, setup.per_example_loss
     )
     count = setup.batch["labels"].shape[0] // micro_batch_size
 
@@ -229,7 +231,7 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
       _, _, new_state, _ = nnx_glue.loss_grad_and_state(
         setup.graphdef,
         state,
-        steps_lib.per_example_loss,
+        setup.per_example_loss,
         params,
         batch,
         has_aux=True,

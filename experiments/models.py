@@ -5,7 +5,10 @@ the MNIST-1D paper (Greydanus & Kobak, 2020). CIFAR (inputs ``[B, 32, 32, 3]``,
 NHWC): :class:`SmallCNN` (the benchmark's small convolutional net),
 :func:`resnet18`, :func:`resnet50` (the CIFAR variants: a 3×3 stem, no max-pool)
 and :func:`wide_resnet28_10`, with BatchNorm. Every model maps a batch of
-inputs to logits ``[B, num_classes]``.
+inputs to logits ``[B, num_classes]``. For the scaling benchmark:
+:class:`DeepMLP` (a deep tanh MLP, inputs ``[B, in_features]``) and
+:class:`TransformerLM` (a decoder-only language model, tokens ``[B, T]`` to
+logits ``[B, T, vocab_size]``).
 
 BatchNorm follows PyTorch's defaults (``momentum=0.9`` in Flax's convention,
 i.e. PyTorch's 0.1, and ``epsilon=1e-5``), as in the papers' code. Models are
@@ -348,6 +351,115 @@ def wide_resnet28_10(
   return WideResNet(depth, widen, num_classes, rngs=rngs, **kwargs)
 
 
+# --- Scaling benchmark ----------------------------------------------------------
+
+
+class DeepMLP(nnx.Module):
+  """``depth`` dense layers of ``width`` with tanh, then a dense head.
+
+  The weight-dominated model of the cost issue: at depth 64 and width 256,
+  about 4.2M parameters in 130 leaves (a kernel and a bias per layer).
+  """
+
+  def __init__(
+    self,
+    in_features: int = 256,
+    width: int = 256,
+    depth: int = 64,
+    num_classes: int = 10,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    features = (in_features, *([width] * depth))
+    self.layers = nnx.List(
+      [nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(features)]
+    )
+    self.out = nnx.Linear(width, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.layers:
+      x = jnp.tanh(layer(x))
+    return self.out(x)
+
+
+class DecoderBlock(nnx.Module):
+  """A pre-LN transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``.
+
+  Causal multi-head self-attention (``nnx.MultiHeadAttention``, with biases)
+  and a GELU MLP of ``mlp_ratio × dim`` hidden units: 16 parameter leaves.
+  """
+
+  def __init__(
+    self, dim: int, num_heads: int, mlp_ratio: int = 4, *, rngs: nnx.Rngs
+  ):
+    self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(
+      num_heads, dim, decode=False, rngs=rngs
+    )
+    self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp_in = nnx.Linear(dim, mlp_ratio * dim, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_ratio * dim, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = x + self.attention(self.attention_norm(x), mask=mask)
+    return x + self.mlp_out(nnx.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class TransformerLM(nnx.Module):
+  """A decoder-only transformer language model (GPT-style, pre-LN).
+
+  Token embedding plus a learned position embedding, ``depth``
+  :class:`DecoderBlock` s, a final LayerNorm and a head on the vocabulary:
+  the embedding's transpose (``tie_embeddings``, as GPT-2) or its own dense
+  layer. Maps tokens ``[B, T]`` (``T ≤ max_length``) to logits
+  ``[B, T, vocab_size]``; position ``t`` sees positions ``≤ t`` only.
+  """
+
+  def __init__(
+    self,
+    vocab_size: int = 256,
+    dim: int = 128,
+    depth: int = 2,
+    num_heads: int = 4,
+    max_length: int = 64,
+    tie_embeddings: bool = True,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.embed = nnx.Embed(vocab_size, dim, rngs=rngs)
+    self.position = nnx.Param(
+      nnx.initializers.normal(0.02)(rngs.params(), (max_length, dim))
+    )
+    self.blocks = nnx.List(
+      [DecoderBlock(dim, num_heads, rngs=rngs) for _ in range(depth)]
+    )
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = (
+      None if tie_embeddings else nnx.Linear(dim, vocab_size, rngs=rngs)
+    )
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    length = tokens.shape[-1]
+    x = self.embed(tokens) + self.position[:length]
+    mask = nnx.make_causal_mask(tokens)
+    for block in self.blocks:
+      x = block(x, mask)
+    x = self.norm(x)
+    return self.embed.attend(x) if self.head is None else self.head(x)
+
+
+def deep_mlp(num_classes: int = 10, *, rngs: nnx.Rngs, **kwargs) -> DeepMLP:
+  """:class:`DeepMLP` (``in_features``, ``width``, ``depth`` as keywords)."""
+  return DeepMLP(num_classes=num_classes, rngs=rngs, **kwargs)
+
+
+def transformer_lm(
+  num_classes: int = 256, *, rngs: nnx.Rngs, **kwargs
+) -> TransformerLM:
+  """:class:`TransformerLM` with ``vocab_size = num_classes``."""
+  return TransformerLM(vocab_size=num_classes, rngs=rngs, **kwargs)
+
+
 MODELS = {
   "mlp": MLP,
   "cnn1d": CNN1D,
@@ -355,6 +467,8 @@ MODELS = {
   "resnet18": resnet18,
   "resnet50": resnet50,
   "wrn28_10": wide_resnet28_10,
+  "deep_mlp": deep_mlp,
+  "transformer_lm": transformer_lm,
 }
 """Model constructors by name: ``MODELS[name](num_classes=..., rngs=...)``."""
 

@@ -56,17 +56,22 @@ def per_example_loss(
 
 
 def passes_loss_fn(
-  graphdef: nnx.GraphDef, params: nnx.State, state: nnx.State
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  state: nnx.State,
+  loss: Callable[..., Any] = per_example_loss,
 ) -> Callable[[nnx.State, dict[str, jax.Array]], jax.Array]:
   """The pure per-example ``loss_fn`` the transforms take their passes with.
 
   :func:`sam_optax.flax.nnx_loss_fn` of the model ``graphdef`` describes, at
   ``state``: in training mode BatchNorm normalizes each pass with its batch's
   statistics and no pass moves the running ones (only the clean pass does).
+  ``loss`` is ``(model, batch) -> (losses [B], aux)``
+  (:func:`per_example_loss` by default).
   """
   model = nnx.merge(graphdef, params, state)
   return sam_optax.flax.nnx_loss_fn(
-    model, lambda model, batch: per_example_loss(model, batch)[0]
+    model, lambda model, batch: loss(model, batch)[0]
   )
 
 

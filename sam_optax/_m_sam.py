@@ -4,7 +4,8 @@ m-SAM splits the batch into ``k = B / m`` contiguous micro-batches, perturbs
 each with its own gradient and averages the perturbed gradients. The papers'
 code runs the micro-batches one after another; here one micro-batch's step is
 written once (it *is* a :func:`sam` step on that micro-batch) and mapped over
-the micro-batches (:mod:`sam_optax._micro_batches`).
+the micro-batches in one of the forms of :mod:`sam_optax._micro_batches`,
+which ``implementation="auto"`` picks by a cost model.
 """
 
 from typing import Any, Literal
@@ -24,6 +25,63 @@ Implementation = _micro_batches.Implementation | Literal["low_rank"]
 IMPLEMENTATIONS = (*_micro_batches.IMPLEMENTATIONS, "low_rank")
 """m-SAM's forms: those of :mod:`sam_optax._micro_batches`, and the low-rank
 form of :mod:`sam_optax._low_rank`."""
+
+LOW_RANK_SAVING = 0.5
+"""``"auto"`` takes ``"low_rank"`` where its parameter-sized bytes are at
+most this fraction of the per-micro-batch copies' (see :func:`takes_low_rank`).
+"""
+
+LOW_RANK_WEIGHT_FRACTION = 0.5
+"""... and where weight copies are more than this share of one micro-batch's
+working set (:attr:`sam_optax._micro_batches.Workload.weight_fraction`): where
+activations dominate, the copies cost little and the copy forms keep their
+measured lead (transformer LMs and CNNs of the scaling benchmark: 0.05)."""
+
+
+def takes_low_rank(
+  loss_fn: _contract.LossFn,
+  params: Any,
+  batch: Any,
+  micro_batch_size: int,
+  *,
+  perturb_mask: _perturbation.PerturbMask = None,
+  micro_batches_per_chunk: int | None = None,
+) -> bool:
+  """Whether ``implementation="auto"`` takes the low-rank form.
+
+  It does where the saving is large and nothing in it is a known slow path:
+  the low-rank form's parameter-sized bytes
+  (:func:`sam_optax._low_rank.estimated_bytes`) are at most
+  :data:`LOW_RANK_SAVING` of the copy forms', weights outweigh activations
+  (:data:`LOW_RANK_WEIGHT_FRACTION`), the batch is not sharded over devices
+  (the copy forms' ``"vmap"`` is the measured form there) and, on a CPU, the
+  model has no convolution (the low-rank form maps the leaves it copies with
+  ``jax.vmap``: XLA:CPU's grouped convolutions). Measured on the 64-layer
+  tanh MLP (BENCHMARKS.md, the guide's m-SAM page): 0.97× SAM's step at
+  ``m = 16`` against 2.9× for the best copy form. Shapes only: it traces
+  ``loss_fn``, nothing runs.
+  """
+  micro_batches = _micro_batches.split_micro_batches(
+    batch, micro_batch_size, "m_sam"
+  )
+  work = _micro_batches.workload(params, micro_batches, loss_fn)
+  if (
+    work.sharded
+    or (work.backend == "cpu" and work.has_convolutions)
+    or work.weight_fraction <= LOW_RANK_WEIGHT_FRACTION
+  ):
+    return False
+  estimate = _low_rank.estimated_bytes(
+    loss_fn,
+    params,
+    batch,
+    micro_batch_size,
+    perturb_mask=perturb_mask,
+    micro_batches_per_chunk=micro_batches_per_chunk,
+  )
+  return bool(estimate.factored) and (
+    estimate.low_rank <= LOW_RANK_SAVING * estimate.copies
+  )
 
 
 def micro_batch_step(
@@ -79,8 +137,8 @@ def m_sam(
   ``rho``, use ``optax.inject_hyperparams(sam_optax.m_sam,
   static_args=("micro_batch_size",))``.
 
-  The micro-batches are processed together, with the FLOPs of one SAM step
-  on the whole batch; ``implementation`` picks how:
+  All micro-batches together take the FLOPs of one SAM step on the whole
+  batch; ``implementation`` picks how they are laid out:
 
   - ``"vmap"``: ``jax.vmap`` of the per-micro-batch step. Each micro-batch
     has its own perturbed weights, so its layers become batched matrix
@@ -91,9 +149,15 @@ def m_sam(
     :func:`data_parallel_m_sam` for the explicit ``shard_map`` form).
   - ``"unrolled"``: a Python loop inside the traced function: ``k``
     independent subgraphs, dense layers only, which XLA schedules freely.
-    The fastest form on a CPU, where XLA's grouped convolutions are slow
-    (measured: about SAM's step time, against 1.8× for ``"vmap"``), but
-    compile time and program size grow with ``k``.
+    The fastest form on a CPU where the model has few leaves (the small
+    CNN: 0.72× SAM's step time, against 1.9–2.3× for ``"vmap"``), but
+    compile time and program size grow with ``k`` times the leaves.
+  - ``"sequential"``: a ``lax.scan`` over the micro-batches inside the step,
+    adding each micro-batch's gradient to a float32 sum: one micro-batch's
+    perturbed weights and gradient in flight, one compiled body whatever
+    ``k``. The form for models whose weights outweigh their activations
+    with many leaves on a CPU; slow where the loop body has convolutions on
+    XLA:CPU (the small CNN: 11× SAM).
   - ``"low_rank"``: dense layers are not copied per micro-batch. A dense
     layer's micro-batch gradient ``G_j = X_jᵀ Δ_j`` has rank at most the
     micro-batch's rows ``n``, so ``x'(W + c_j G_j) = x'W + c_j (x'X_jᵀ) Δ_j``:
@@ -104,9 +168,20 @@ def m_sam(
     copies of that leaf alone. The same result as the other forms; on a
     64-layer MLP about SAM's bytes and memory at any ``m`` (1-SAM included)
     where the copy forms hold ``k`` weight copies (the guide's m-SAM page).
-  - ``"auto"`` (default): ``"unrolled"`` on a CPU backend for at most 32
-    micro-batches in flight and an unsharded batch, ``"vmap"`` otherwise
-    (compile time grows with the unrolled count; BENCHMARKS.md).
+  - ``"auto"`` (default): the cheapest of the above by a cost model
+    (:mod:`sam_optax._micro_batches`): it reads the parameter bytes and
+    leaves, one micro-batch's activation bytes and whether there are
+    convolutions (from the jaxpr of ``loss_fn`` on one micro-batch: shapes
+    only, nothing runs), ``k``, the backend and whether the batch is
+    sharded. First, ``"low_rank"`` where it saves at least half the
+    parameter-sized bytes and weights outweigh activations, without
+    convolutions on a CPU and unsharded (:func:`takes_low_rank`: deep MLPs).
+    Otherwise, on a CPU it unrolls while ``k`` × leaves ≤ 512 (compile
+    time) and activations outweigh weights, else takes ``"sequential"``
+    without convolutions and ``"vmap"`` with them; on an accelerator it
+    takes ``"vmap"``, in chunks where ``k`` copies would not fit in half the
+    device memory; a sharded batch always takes ``"vmap"``. The table of
+    what it picks is in the guide's m-SAM page.
 
   Memory: with ``c`` micro-batches in flight, a step holds about
   ``c · (A_m + 3P)`` floats on top of its inputs, with ``P`` the number of
@@ -116,11 +191,11 @@ def m_sam(
   ``A_B = k A_m`` plus ``3kP``. ``micro_batches_per_chunk = c`` bounds it:
   chunks of ``c`` micro-batches run one after another in a loop
   (``optax.microbatching.microbatch``, a ``lax.fori_loop``), each chunk
-  mapped as above. ``c = k`` (or None) is one chunk, the fastest; ``c = 1``
-  is the sequential loop, the leanest. On a CPU, XLA (jax 0.10) runs the
+  mapped as above. ``c = k`` (or None) is one chunk; ``c = 1``
+  is one micro-batch at a time, as ``"sequential"``. On a CPU, XLA (jax 0.10) runs the
   backward convolutions inside loop bodies without its YNNPACK kernels, so
-  chunked steps took 7–20× SAM's time there: chunk for memory on
-  accelerators. The chunk loop averages in float32; which micro-batches
+  chunked steps took 7–20× SAM's time there with convolutions: chunk for
+  memory on accelerators. The chunk loop averages in float32; which micro-batches
   share a chunk does not change the result.
 
   Args:
@@ -129,7 +204,7 @@ def m_sam(
       batch size.
     normalize: m-SAM (True) or m-USAM (False, ``ε_j = ρ g_{B_j}``).
     implementation: ``"auto"``, ``"vmap"``, ``"unrolled"`` or
-      ``"low_rank"``, see above.
+      ``"sequential"`` or ``"low_rank"``, see above.
     micro_batches_per_chunk: how many micro-batches are processed at once
       (must divide ``k``); None processes all ``k`` at once.
     perturb_mask: which leaves to perturb; see :func:`sam_optax.sam`.
@@ -161,7 +236,18 @@ def m_sam(
   )
 
   def gradient_fn(loss_fn: _contract.LossFn, params: Any, batch: Any) -> Any:
-    if implementation == "low_rank":
+    low_rank = implementation == "low_rank" or (
+      implementation == "auto"
+      and takes_low_rank(
+        loss_fn,
+        params,
+        batch,
+        micro_batch_size,
+        perturb_mask=perturb_mask,
+        micro_batches_per_chunk=micro_batches_per_chunk,
+      )
+    )
+    if low_rank:
       return _low_rank.mean_gradient(
         loss_fn,
         params,
@@ -180,6 +266,7 @@ def m_sam(
       micro_batch_size,
       implementation=implementation,
       micro_batches_per_chunk=micro_batches_per_chunk,
+      loss_fn=loss_fn,
       name=name,
     )
 

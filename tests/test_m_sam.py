@@ -10,7 +10,6 @@ import numpy as np
 import optax
 
 import sam_optax
-from sam_optax import _micro_batches
 
 from _problems import flatten
 from _problems import mean_loss
@@ -247,17 +246,6 @@ class MSamTest(chex.TestCase):
         zero_loss,
       )
       np.testing.assert_array_equal(flatten(updates), 0.0)
-
-  def test_auto_picks_by_backend_and_count(self):
-    resolve = _micro_batches.resolve_implementation
-    limit = _micro_batches.MAX_UNROLLED_MICRO_BATCHES
-    few = {"x": jnp.zeros((limit, 2, 3))}
-    many = {"x": jnp.zeros((limit + 1, 2, 3))}
-    on_cpu = jax.default_backend() == "cpu"
-    self.assertEqual(resolve("auto", few), "unrolled" if on_cpu else "vmap")
-    self.assertEqual(resolve("auto", many), "vmap")
-    self.assertEqual(resolve("vmap", few), "vmap")
-    self.assertEqual(resolve("unrolled", many), "unrolled")
 
   def test_rho_schedule_with_inject_hyperparams(self):
     params, batch = _setup(seed=85)

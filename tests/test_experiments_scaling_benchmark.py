@@ -1,0 +1,105 @@
+"""The scaling benchmark at a toy size: its rows, numbers, JSON and plots."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import models
+from experiments import nnx_glue
+from experiments import optimizers
+from experiments import scaling_benchmark
+
+
+def test_sizes_cover_the_families_and_the_range():
+  full = scaling_benchmark.sizes("full")
+  assert {s.family for s in full} == {
+    "small_cnn",
+    "resnet18",
+    "mlp",
+    "transformer",
+  }
+  quick = scaling_benchmark.sizes("quick")
+  labels = lambda chosen: [(s.family, s.label) for s in chosen]
+  assert set(labels(quick)) < set(labels(full))
+  assert {s.family for s in quick} == {s.family for s in full}
+  assert all(s.setting == "tiny" for s in scaling_benchmark.sizes("tiny"))
+  assert all(s.batch_size % s.micro_batch_size == 0 for s in full)
+
+
+def test_transformer_lm_is_causal():
+  model = models.transformer_lm(
+    16, dim=16, depth=1, num_heads=2, max_length=6, rngs=models.nnx.Rngs(0)
+  )
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 6]])
+  changed = tokens.at[0, 4].set(9)
+  logits, other = model(tokens), model(changed)
+  assert logits.shape == (1, 6, 16)
+  # Positions before the change see the same prefix.
+  assert jnp.allclose(logits[0, :4], other[0, :4], atol=1e-6)
+  assert not jnp.allclose(logits[0, 4:], other[0, 4:])
+  untied = models.transformer_lm(
+    16, dim=16, depth=1, num_heads=2, max_length=6, tie_embeddings=False,
+    rngs=models.nnx.Rngs(0),
+  )  # fmt: skip
+  leaves = lambda m: len(jax.tree.leaves(nnx_glue.split(m).params))
+  assert leaves(untied) == leaves(model) + 2  # the head's kernel and bias
+
+
+def test_every_registered_variant_gets_a_row():
+  setup = scaling_benchmark.make_setup(scaling_benchmark.sizes("tiny")[0])
+  names = [v.name for v in scaling_benchmark.variants(setup)]
+  for name in optimizers.VARIANTS:
+    assert any(n == name or n.startswith(name + "/") for n in names), name
+  for form in ("vmap", "unrolled", "sequential", "papers_loop"):
+    assert f"m_sam/{form}" in names
+  assert "m_sam/vmap/chunk=1" in names
+
+
+@pytest.mark.slow  # about 5 compiles: seconds on a quiet 2-core machine
+def test_smoke_run(tmp_path):
+  summary = scaling_benchmark.main(
+    [
+      "--tiny",
+      "--families",
+      "mlp",
+      "--only",
+      "^m_sam$|papers_loop|m_sam/sequential",
+      "--repeats",
+      "1",
+      "--output-dir",
+      str(tmp_path),
+    ]
+  )
+  (result,) = summary["results"]
+  assert set(result["rows"]) == {
+    "sgd",
+    "sam",
+    "m_sam",
+    "m_sam/sequential",
+    "m_sam/papers_loop",
+  }
+  assert not result["errors"]
+  for name, row in result["rows"].items():
+    for key in ("step_seconds", "vs_sgd", "vs_sam", "compile_seconds"):
+      assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+    assert row["flops"] > 0 and row["bytes_accessed"] > 0, name
+    assert row["temp_bytes"] >= 0, name
+  assert result["rows"]["m_sam/papers_loop"]["vs_papers_loop"] == 1.0
+  assert result["auto"]["plan"]["implementation"] in ("unrolled", "sequential")
+  assert result["verdict"].split(":")[0] in (
+    "ok",
+    "MISSED",
+    "NO FORM REACHES IT",
+  )
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert written["results"][0]["rows"].keys() == result["rows"].keys()
+  for figure in ("step_vs_sam_by_params", "step_vs_sam_by_leaves"):
+    assert (tmp_path / f"{figure}.png").stat().st_size > 0
+  assert (tmp_path / "m_sam_forms.png").stat().st_size > 0
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
