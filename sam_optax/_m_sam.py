@@ -127,6 +127,7 @@ def m_sam(
     `Unveiling m-Sharpness Through the Structure of Stochastic Gradient
     Noise <https://arxiv.org/abs/2509.18001>`_, 2025.
   """
+  normalize = _contract.check_bool(normalize, "normalize", "m_sam")
   name = "m_sam" if normalize else "m_usam"
   _contract.check_rho(rho, name)
   micro_batch_size = _contract.check_integer(
