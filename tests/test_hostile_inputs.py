@@ -289,13 +289,15 @@ def test_rw_sam_bf16_compute_falls_back_to_sam_and_says_so():
   )()
   assert state.unresolved_fraction > sam_optax._rw_sam.UNRESOLVED_LIMIT
   np.testing.assert_allclose(state.effective_sample_size, 32.0, rtol=1e-5)
+  # SAM's weights: the same step as λ = ∞ (uniform weights by definition).
+  uniform = sam_optax.rw_sam(RHO, jnp.inf)
   expected, _ = jax.jit(
-    lambda: sam_optax.sam(RHO).update(
-      None, optax.EmptyState(), PARAMS, **kwargs
+    lambda: uniform.update(
+      None, uniform.init(PARAMS), PARAMS, key=KEY, **kwargs
     )
   )()
   for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_rw_sam_bf16_compute_with_a_calibrated_sigma_reweights():
