@@ -46,11 +46,13 @@ def adaptive_scale(
   else 1.
 
   Args:
-    eta: ``η >= 0``, keeps the scale away from zero.
+    eta: ``η >= 0``, keeps the scale away from zero (finite; checked
+      unless traced).
     scale_mask: which leaves are scaled: a pytree of bools or ``params ->
       pytree``; None (the default) scales every leaf not named ``bias``
       (:func:`not_bias_mask`).
   """
+  _contract.check_number(eta, "eta", "adaptive_scale", minimum=0)
   if scale_mask is None:
     scale_mask = not_bias_mask
 
@@ -60,7 +62,7 @@ def adaptive_scale(
     )
     return jax.tree.map(
       lambda w, scaled: (
-        jnp.abs(w.astype(jnp.float32)) + eta
+        jnp.abs(jnp.asarray(w, jnp.float32)) + eta
         if scaled
         else jnp.ones(jnp.shape(w), jnp.float32)
       ),

@@ -126,6 +126,9 @@ def calibrate_sigma(
     num_probes = _gradient_norms.check_probe_options(
       sigma, num_probes, difference, name
     )
+  probe_in_float32 = _contract.check_bool(
+    probe_in_float32, "probe_in_float32", name
+  )
   size = _contract.check_per_example_losses(loss_fn, params, batch, name)
   chunk_size = _per_example.check_chunk_size(chunk_size, size, name)
   probe_params = _gradient_norms.probe_parameters(params, probe_in_float32)

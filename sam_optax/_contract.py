@@ -13,6 +13,7 @@ problem.
 """
 
 from collections.abc import Callable
+import contextvars
 import math
 import operator
 from typing import Any, Literal, overload
@@ -36,8 +37,18 @@ def require(value: Any, argument: str, transform_name: str) -> Any:
       f"{transform_name}.update needs the keyword argument `{argument}`; "
       f"call it as tx.update(grads, state, params, loss_fn=..., batch=...)"
       " (optax.chain forwards keyword arguments to every member)."
+      f"{_TRAIN_STATE_HINT if argument in ('loss_fn', 'batch') else ''}"
     )
   return value
+
+
+_TRAIN_STATE_HINT = (
+  " Flax's TrainState.apply_gradients calls tx.update(grads, opt_state,"
+  " params) without them (its keyword arguments only replace fields of the"
+  " state), so loss_fn and batch never reach the transform: call"
+  " tx.update yourself and then state.replace(...), as in the Linen recipe"
+  " of the guide's Flax page (docs/guide/flax.md)."
+)
 
 
 def require_arguments(
@@ -67,8 +78,10 @@ def check_update_call(
 
   ``params``, ``loss_fn`` and ``batch`` are required
   (:func:`require_arguments`), ``updates`` (unless None) must have the
-  structure of ``params``, and ``loss_fn`` must return per-example losses on
-  ``batch`` (:func:`check_per_example_losses`).
+  structure and the leaf shapes of ``params`` (:func:`check_same_shapes`;
+  a broadcastable shape is an error too, not silently broadcast), and
+  ``loss_fn`` must return real floating per-example losses on ``batch``
+  (:func:`check_per_example_losses`).
 
   Returns:
     ``(params, loss_fn, batch)``.
@@ -77,7 +90,7 @@ def check_update_call(
     params, loss_fn, batch, transform_name
   )
   if updates is not None:
-    check_same_structure(updates, params, "updates", transform_name)
+    check_same_shapes(updates, params, "updates", transform_name)
   check_per_example_losses(loss_fn, params, batch, transform_name)
   return params, loss_fn, batch
 
@@ -129,6 +142,22 @@ def check_params(params: Params, transform_name: str) -> None:
       )
 
 
+def check_differentiable_params(params: Params, function_name: str) -> None:
+  """Rejects ``params`` a diagnostic cannot differentiate, naming the leaf.
+
+  :func:`check_params` (real floating leaves only), and at least one leaf.
+
+  Raises:
+    ValueError: for empty params or a leaf that is not real floating point.
+  """
+  if not jax.tree.leaves(params):
+    raise ValueError(
+      f"{function_name}: `params` has no leaves; there is nothing to"
+      " differentiate."
+    )
+  check_params(params, function_name)
+
+
 def check_same_structure(
   tree: Any,
   reference: Any,
@@ -150,7 +179,123 @@ def check_same_structure(
     )
 
 
-def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
+def _shape(leaf: Any) -> tuple[int, ...]:
+  shape = getattr(leaf, "shape", None)  # arrays, tracers, ShapeDtypeStruct
+  return tuple(shape) if shape is not None else np.shape(leaf)
+
+
+def describe(tree: Any, limit: int = 300) -> str:
+  """``tree`` with its leaves as ``dtype[shape]``, cut to ``limit`` chars."""
+
+  def leaf(x: Any) -> str:
+    try:
+      dtype = jnp.result_type(x).name
+    except TypeError:
+      return type(x).__name__
+    return f"{dtype}{list(_shape(x))}"
+
+  text = str(jax.tree.map(leaf, tree))
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_same_shapes(
+  tree: Any,
+  reference: Any,
+  argument: str,
+  transform_name: str,
+  reference_name: str = "params",
+  *,
+  hint: str = "",
+) -> None:
+  """Raises unless ``tree`` has the structure and leaf shapes of ``reference``.
+
+  The structure first (:func:`check_same_structure`), then each leaf's
+  shape: a shape that would broadcast (``[1, 3]`` for ``[4, 3]``, a scalar)
+  is an error too, since the arithmetic would silently broadcast it.
+  Dtypes are not compared. Shapes only: free at run time.
+
+  Raises:
+    ValueError: naming ``argument`` and the first leaf whose shape differs.
+  """
+  check_same_structure(
+    tree, reference, argument, transform_name, reference_name, hint=hint
+  )
+  paths = jax.tree_util.tree_leaves_with_path(reference)
+  for (path, expected), actual in zip(
+    paths, jax.tree.leaves(tree), strict=True
+  ):
+    if _shape(actual) != _shape(expected):
+      where = jax.tree_util.keystr(path) or "(the root)"
+      raise ValueError(
+        f"{transform_name}: `{argument}` must have the shapes of"
+        f" `{reference_name}`; leaf {where} has shape {_shape(actual)},"
+        f" where `{reference_name}` has {_shape(expected)}."
+        f"{' ' + hint if hint else ''}"
+      )
+
+
+def check_state(
+  state: Any,
+  init: Callable[[Params], Any],
+  params: Params,
+  transform_name: str,
+  argument: str = "state",
+) -> None:
+  """Raises unless ``state`` is shaped like ``init(params)``.
+
+  Compared with ``jax.eval_shape(init, params)``: the pytree structure (the
+  state's type and fields) and every leaf's shape, not the values or
+  dtypes. Catches a state from another transform, ``optax.EmptyState()`` or
+  None where a state is kept, and a state from ``init`` on other
+  parameters, at trace time.
+
+  Raises:
+    ValueError: naming ``argument``, with what was expected and what came.
+  """
+  expected = jax.eval_shape(init, params)
+  same = jax.tree.structure(state) == jax.tree.structure(expected)  # type: ignore[operator]
+  same = same and all(
+    _shape(a) == _shape(b)
+    for a, b in zip(
+      jax.tree.leaves(state), jax.tree.leaves(expected), strict=True
+    )
+  )
+  if not same:
+    raise ValueError(
+      f"{transform_name}: `{argument}` is not this transform's state for"
+      f" these params: expected the shape of tx.init(params),"
+      f" {describe(expected)}; got {describe(state)}. Pass the state that"
+      " this transform's init (or the previous update) returned, for the"
+      " same params."
+    )
+
+
+def check_bool_leaves(tree: Any, argument: str, transform_name: str) -> None:
+  """Raises unless every leaf of ``tree`` is a bool or a boolean array.
+
+  For masks (``perturb_mask``, ``scale_mask``): Python and NumPy bools, and
+  (concrete or traced) arrays of dtype bool. Strings, numbers and None are
+  errors (``"False"`` would otherwise read as True).
+
+  Raises:
+    ValueError: naming ``argument`` and the first offending leaf.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, (bool, np.bool_)):
+      continue
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and np.dtype(dtype) == np.bool_:
+      continue
+    where = jax.tree_util.keystr(path) or "(the root)"
+    raise ValueError(
+      f"{transform_name}: `{argument}` must be a pytree of bools (True or"
+      f" False per leaf, or boolean arrays); leaf {where} is {leaf!r}."
+    )
+
+
+def batch_size(
+  batch: Batch, transform_name: str = "sam_optax", argument: str = "batch"
+) -> int:
   """Returns the leading-axis size shared by every leaf of ``batch``.
 
   Raises:
@@ -159,49 +304,90 @@ def batch_size(batch: Batch, transform_name: str = "sam_optax") -> int:
   """
   leaves_with_path = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves_with_path:
-    raise ValueError(f"{transform_name}: `batch` has no array leaves.")
+    raise ValueError(f"{transform_name}: `{argument}` has no array leaves.")
   sizes = {}
   for path, leaf in leaves_with_path:
     shape = jnp.shape(leaf)
     if not shape:
       raise ValueError(
-        f"{transform_name}: batch leaf {jax.tree_util.keystr(path)} is a"
+        f"{transform_name}: {argument} leaf {jax.tree_util.keystr(path)} is a"
         " scalar; every leaf needs a leading batch axis."
       )
     sizes[jax.tree_util.keystr(path)] = shape[0]
   if len(set(sizes.values())) != 1:
     raise ValueError(
-      f"{transform_name}: the leaves of `batch` must share their leading"
+      f"{transform_name}: the leaves of `{argument}` must share their leading"
       f" (batch) axis, got sizes {sizes}."
     )
   size = next(iter(sizes.values()))
   if size == 0:
     raise ValueError(
-      f"{transform_name}: `batch` is empty (batch axis of size 0); a SAM"
+      f"{transform_name}: `{argument}` is empty (batch axis of size 0); a SAM"
       " step needs at least one example."
     )
   return size
 
 
+_SHAPE_CHECK = contextvars.ContextVar("sam_optax_shape_check", default=False)
+
+
+def in_shape_check() -> bool:
+  """Whether ``loss_fn`` is being called by :func:`check_per_example_losses`
+  (a ``jax.eval_shape``, shapes only), not by a step's computation."""
+  return _SHAPE_CHECK.get()
+
+
 def check_per_example_losses(
-  loss_fn: LossFn, params: Params, batch: Batch, transform_name: str
+  loss_fn: LossFn,
+  params: Params,
+  batch: Batch,
+  transform_name: str,
+  argument: str = "batch",
 ) -> int:
   """Checks that ``loss_fn(params, batch)`` returns shape ``[B]``; returns B.
 
   Only shapes are evaluated (``jax.eval_shape``): no computation happens.
+  ``argument`` names ``batch`` in the messages (e.g. ``ascent_batch``).
 
   Raises:
     ValueError: if the output is not a vector with one loss per example.
+    TypeError: if the losses are not real floating point (an integer loss
+      has no gradient: ``jax.grad`` would give zeros or fail).
   """
-  size = batch_size(batch, transform_name)
-  out = jax.eval_shape(loss_fn, params, batch)
+  size = batch_size(batch, transform_name, argument)
+  token = _SHAPE_CHECK.set(True)
+  try:
+    out = jax.eval_shape(loss_fn, params, batch)
+  finally:
+    _SHAPE_CHECK.reset(token)
   shape = getattr(out, "shape", None)
   if shape != (size,):
+    if shape is not None and len(shape) > 1 and shape[0] == size:
+      advice = (
+        f" It returned one loss per example and per position {shape[1:]}"
+        " (e.g. per token): reduce over the other axes inside loss_fn"
+        " (e.g. losses.mean(axis=-1), or a masked mean over the tokens), so"
+        " that each example has one loss."
+      )
+    elif shape == ():
+      advice = " Return the vector of losses, not their mean."
+    else:
+      advice = (
+        f" Its leading axis must be the batch axis of `{argument}` (size"
+        f" {size})."
+      )
     raise ValueError(
-      f"{transform_name}: loss_fn(params, batch) must return per-example"
-      f" losses of shape ({size},) (one per example of the batch), got"
-      f" {shape if shape is not None else type(out).__name__}. Return the"
-      " vector of losses, not their mean."
+      f"{transform_name}: loss_fn(params, {argument}) must return"
+      f" per-example losses of shape ({size},) (one per example of"
+      f" `{argument}`), got"
+      f" {shape if shape is not None else type(out).__name__}.{advice}"
+    )
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(
+      f"{transform_name}: loss_fn(params, {argument}) must return real"
+      f" floating-point losses, got dtype {out.dtype}: an integer or"
+      " boolean loss has no gradient. Compute the loss in floating point"
+      " (e.g. cast with .astype(jnp.float32) before any rounding)."
     )
   return size
 
@@ -234,8 +420,8 @@ def check_number(
   """Rejects a hyperparameter that is not a real number in range.
 
   The one check for real-valued hyperparameters (``rho``, ``sigma``, ``eta``,
-  ...), run when a transform is built. ``None``, booleans, strings, arrays
-  with more than one element, NaN and (unless ``allow_inf``) infinities are
+  ...), run when a transform is built. ``None``, booleans, strings, complex
+  numbers, arrays with more than one element, NaN and (unless ``allow_inf``) infinities are
   errors, as are values below ``minimum``, at or below ``above``, at or
   above ``below``, or above ``maximum``. Concrete arrays are checked like
   numbers; traced values (under ``jax.jit``, e.g. hyperparameters injected
@@ -254,6 +440,8 @@ def check_number(
 
   if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
     fail("a real number")
+  if isinstance(value, complex) or np.iscomplexobj(value):
+    fail("a real number, not complex")
   try:
     number = float(value)
   except (TypeError, ValueError):
@@ -275,6 +463,31 @@ def check_number(
 def check_rho(rho: ArrayLike, transform_name: str) -> None:
   """``rho`` must be a finite number ``>= 0`` (traced values pass)."""
   check_number(rho, "rho", transform_name, minimum=0)
+
+
+def check_bool(value: Any, argument: str, transform_name: str) -> bool:
+  """Returns ``value`` as a Python bool, or raises naming ``argument``.
+
+  The one check for flags (``normalize``, ``probe_in_float32``, ...): only
+  Python and NumPy booleans are accepted. None, strings (``"False"`` is
+  truthy), numbers and arrays are errors, as are traced values (a flag
+  chooses the computation, so it must be static: with
+  ``optax.inject_hyperparams`` name it in ``static_args``).
+
+  Raises:
+    ValueError: if ``value`` is not a boolean.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  hint = ""
+  if _is_traced(value) or isinstance(value, jax.Array):
+    hint = (
+      " It chooses the computation, so it must be static: with"
+      f" optax.inject_hyperparams pass static_args=({argument!r},)."
+    )
+  raise ValueError(
+    f"{transform_name}: {argument} must be True or False, got {value!r}.{hint}"
+  )
 
 
 @overload

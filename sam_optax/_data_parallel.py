@@ -223,8 +223,10 @@ def data_parallel_m_sam(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (stateless) whose ``update``
-    must run inside ``jax.shard_map`` (or under another binding of
-    ``axis_name``). ``updates`` is not used (None is fine).
+    must run inside ``jax.shard_map``, or under ``jax.vmap(...,
+    axis_name=...)`` with one shard of the batch per mapped instance and
+    unmapped params (the same result: a way to run the transform on one
+    device). ``updates`` is not used (None is fine).
 
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
@@ -234,14 +236,15 @@ def data_parallel_m_sam(
   """
   name = "data_parallel_m_sam"
   _contract.check_rho(rho, name)
-  axes = _sharding.as_axes(axis_name)
+  normalize = _contract.check_bool(normalize, "normalize", name)
+  axes = _sharding.as_axes(axis_name, "axis_name", name)
   sync_axes: tuple[Hashable, ...]
   if sync_perturbation is False:
     sync_axes = ()
   elif sync_perturbation is True:
     sync_axes = axes
   else:
-    sync_axes = _sharding.as_axes(sync_perturbation)
+    sync_axes = _sharding.as_axes(sync_perturbation, "sync_perturbation", name)
     outside = [a for a in sync_axes if a not in axes]
     if outside:
       raise ValueError(

@@ -179,7 +179,15 @@ def finite_difference_gradient_norms(
   """
   name = "finite_difference_gradient_norms"
   num_probes = check_probe_options(sigma, num_probes, difference, name)
-  _contract.check_per_example_losses(loss_fn, params, batch, name)
+  probe_in_float32 = _contract.check_bool(
+    probe_in_float32, "probe_in_float32", name
+  )
+  size = _contract.check_per_example_losses(loss_fn, params, batch, name)
+  if losses is not None and jnp.shape(losses) != (size,):
+    raise ValueError(
+      f"{name}: losses must be loss_fn(params, batch), shape ({size},);"
+      f" got shape {jnp.shape(losses)}."
+    )
   probe_params = probe_parameters(params, probe_in_float32)
   if probe_in_float32 and any(
     is_low_precision(leaf) for leaf in jax.tree.leaves(params)

@@ -1,5 +1,6 @@
 """LookSAM: a SAM step every k steps, its orthogonal part reused in between."""
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +13,54 @@ from sam_optax import _contract
 from sam_optax import _perturbation
 from sam_optax import _sam
 from sam_optax import _transform
+
+ROUNDING_TOLERANCE = 8.0
+"""``c`` in :func:`resolved_orthogonal_part`'s rounding threshold."""
+
+
+def resolved_orthogonal_part(
+  adversarial: optax.Updates, gradient: optax.Updates
+) -> optax.Updates:
+  r"""``g_v = g_adv − (g_adv·ĝ) ĝ``, or zero where it is rounding noise.
+
+  When ``g_adv ∥ g`` (``ρ = 0``, an all-False ``perturb_mask``, a batch of
+  one, an isotropic Hessian) the computed ``g_v`` is not zero but rounding
+  noise, and normalizing it would add ``α‖g‖`` along noise on every step in
+  between. ``g_v`` is taken as zero when
+
+  .. math::
+    \|g_v\| \le c\, u \sqrt{n}\, \max(\|g\|, \|g_{adv}\|),
+
+  with ``u`` the unit roundoff of the arithmetic: float32's ``2^{-24}``, or
+  that of the coarsest dtype among the leaves of ``g`` and ``g_adv`` if
+  coarser (bfloat16, float16); ``n`` the number of entries of ``g`` and ``c = 8``
+  (:data:`ROUNDING_TOLERANCE`): a bound on the rounding error of the
+  projection's dot product and of the two gradients themselves. A ``g_v``
+  this small carries no direction.
+
+  Returns:
+    ``g_v`` (float32 leaves), zero where it is not resolved.
+  """
+  orthogonal = _perturbation.orthogonal_part(adversarial, gradient)
+  leaves = jax.tree.leaves(adversarial) + jax.tree.leaves(gradient)
+  # The arithmetic is float32 (or coarser, for half-precision gradients).
+  roundoff = max(
+    [float(jnp.finfo(jnp.float32).eps) / 2]
+    + [
+      float(jnp.finfo(jnp.result_type(x)).eps) / 2
+      for x in leaves
+      if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ]
+  )
+  size = sum(int(jnp.size(x)) for x in jax.tree.leaves(gradient))
+  scale = jnp.maximum(
+    _perturbation.global_norm(gradient), _perturbation.global_norm(adversarial)
+  )
+  threshold = ROUNDING_TOLERANCE * roundoff * math.sqrt(max(size, 1)) * scale
+  resolved = _perturbation.global_norm(orthogonal) > threshold
+  return jax.tree.map(
+    lambda x: jnp.where(resolved, x, jnp.zeros_like(x)), orthogonal
+  )
 
 
 class LookSamState(NamedTuple):
@@ -82,7 +131,9 @@ def look_sam(
   so ``g_v`` is set before it is reused, with or without ``updates`` (the
   clean gradient is computed by the transform when ``updates`` is None: both
   kinds of step use it). If ``‖g_v‖ = 0`` (``g_adv`` parallel to ``g``), the
-  steps in between hand on ``g``. ``g_v`` is stored in the parameters'
+  steps in between hand on ``g``; so they do when ``g_v`` is zero up to
+  rounding, relative to ``‖g‖`` and ``‖g_adv‖`` (``ρ = 0``, an all-False
+  ``perturb_mask``, a batch of one: see :func:`resolved_orthogonal_part`). ``g_v`` is stored in the parameters'
   dtypes.
 
   ``layerwise=True`` projects and normalizes leaf by leaf (each leaf ``l``
@@ -147,6 +198,7 @@ def look_sam(
     params, loss_fn, batch = _contract.check_update_call(
       updates, params, loss_fn, batch, "look_sam"
     )
+    _contract.check_state(state, init, params, "look_sam")
     gradient = _transform.clean_gradient_or_compute(
       updates, params, loss_fn, batch
     )
@@ -162,9 +214,7 @@ def look_sam(
         **extra_args,
       )
       orthogonal = (
-        _layerwise_orthogonal_part
-        if layerwise
-        else (_perturbation.orthogonal_part)
+        _layerwise_orthogonal_part if layerwise else resolved_orthogonal_part
       )(adversarial, gradient)
       return (
         optax.tree.cast_like(adversarial, params),

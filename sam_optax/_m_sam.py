@@ -219,6 +219,7 @@ def m_sam(
     `Unveiling m-Sharpness Through the Structure of Stochastic Gradient
     Noise <https://arxiv.org/abs/2509.18001>`_, 2025.
   """
+  normalize = _contract.check_bool(normalize, "normalize", "m_sam")
   name = "m_sam" if normalize else "m_usam"
   _contract.check_rho(rho, name)
   micro_batch_size = _contract.check_integer(
@@ -259,6 +260,7 @@ def m_sam(
         micro_batches_per_chunk=micro_batches_per_chunk,
         name=name,
       )
+    assert implementation != "low_rank"  # taken above
     return _micro_batches.mean_over_micro_batches(
       micro_batch_step(sam_step, loss_fn),
       params,

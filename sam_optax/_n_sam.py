@@ -42,11 +42,13 @@ def ascent_set_ascent() -> _transform.AscentDirection:
         + ("both." if ascent_batch is not None else "neither.")
       )
     if ascent_gradient is not None:
-      _contract.check_same_structure(
+      _contract.check_same_shapes(
         ascent_gradient, params, "ascent_gradient", "n_sam"
       )
       return ascent_gradient, state
-    _contract.check_per_example_losses(loss_fn, params, ascent_batch, "n_sam")
+    _contract.check_per_example_losses(
+      loss_fn, params, ascent_batch, "n_sam", "ascent_batch"
+    )
     return _contract.mean_gradient(loss_fn, params, ascent_batch), state
 
   return _transform.AscentDirection(
@@ -93,6 +95,7 @@ def n_sam(
     `Unveiling m-Sharpness Through the Structure of Stochastic Gradient
     Noise <https://arxiv.org/abs/2509.18001>`_, 2025.
   """
+  normalize = _contract.check_bool(normalize, "normalize", "n_sam")
   return _transform.sharpness_aware(
     ascent_set_ascent(),
     rho,

@@ -180,7 +180,8 @@ def resolve_mask(
   """The pytree of bools ``mask`` stands for at ``params`` (None stays None).
 
   Raises:
-    ValueError: if it does not have the structure of ``params``.
+    ValueError: if it does not have the structure of ``params``, or a leaf
+      is not a bool (or a boolean array).
   """
   if mask is None:
     return None
@@ -197,6 +198,7 @@ def resolve_mask(
       f" static_args=({argument!r},).)"
     ),
   )
+  _contract.check_bool_leaves(tree, argument, transform_name)
   return tree
 
 

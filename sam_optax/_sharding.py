@@ -22,9 +22,27 @@ AxisName = Hashable | tuple[Hashable, ...]
 """A mesh axis name, or a tuple of them."""
 
 
-def as_axes(axis_name: AxisName) -> tuple[Hashable, ...]:
-  """``axis_name`` as a tuple of mesh axis names."""
-  return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
+def as_axes(
+  axis_name: AxisName | list[Hashable],
+  argument: str = "axis_name",
+  name: str = "sam_optax",
+) -> tuple[Hashable, ...]:
+  """``axis_name`` as a tuple of mesh axis names (a list is taken as one).
+
+  Raises:
+    ValueError: if it is empty, or a name is not hashable (or None).
+  """
+  axes = (
+    tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  )
+  if not axes or any(
+    axis is None or not isinstance(axis, Hashable) for axis in axes
+  ):
+    raise ValueError(
+      f'{name}: {argument} must be a mesh axis name (e.g. "data") or a'
+      f" tuple or list of them, got {axis_name!r}."
+    )
+  return axes
 
 
 def explicit_shards(x: jax.Array) -> int:
@@ -89,9 +107,14 @@ def local_copy(tree: Any, axes: tuple[Hashable, ...]) -> Any:
   with respect to a replicated value is summed over the devices, because the
   transpose of the implicit broadcast is a ``psum``. Differentiating with
   respect to a copy cast to "varying" (``jax.lax.pcast``) keeps each device's
-  own gradient. A no-op where ``tree`` already varies or without
-  ``check_vma``.
+  own gradient. A no-op where ``tree`` already varies, without
+  ``check_vma``, and for axes that are not manual mesh axes (those bound by
+  ``jax.vmap(..., axis_name=...)``, under which the gradient with respect to
+  an unmapped value is already each instance's own).
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = frozenset(getattr(mesh, "manual_axes", axes))
+  axes = tuple(a for a in axes if a in manual)
 
   def leaf(x: jax.Array) -> jax.Array:
     missing = tuple(a for a in axes if a not in varying_axes(x))

@@ -93,6 +93,60 @@ class SharpnessAwareStep(Protocol):
   ) -> tuple[optax.Updates, optax.Updates, optax.OptState]: ...
 
 
+def check_ascent(ascent: Any, name: str) -> None:
+  """Raises unless ``ascent`` is an :class:`AscentDirection` (or alike).
+
+  Anything with a callable ``init`` and a callable ``direction`` is
+  accepted.
+
+  Raises:
+    TypeError: naming ``ascent``; for a plain function, what to wrap it in.
+  """
+  if callable(getattr(ascent, "init", None)) and callable(
+    getattr(ascent, "direction", None)
+  ):
+    return
+  hint = ""
+  if callable(ascent):
+    hint = (
+      " For a stateless direction function, pass"
+      " sam_optax.AscentDirection(init=lambda params: optax.EmptyState(),"
+      " direction=your_function)."
+    )
+  raise TypeError(
+    f"{name}: `ascent` must be a sam_optax.AscentDirection(init, direction),"
+    f" got {ascent!r}.{hint}"
+  )
+
+
+def _checked_direction(
+  result: Any, ascent: AscentDirection, params: optax.Params, name: str
+) -> tuple[optax.Updates, optax.OptState]:
+  """``(d, state)`` from an ascent direction, checked against ``params``.
+
+  ``d`` must have the structure and shapes of ``params``, and the state
+  those of ``ascent.init(params)``.
+
+  Raises:
+    TypeError: if the direction did not return a pair.
+    ValueError: if ``d`` or the state is shaped wrongly.
+  """
+  if not (isinstance(result, tuple) and len(result) == 2):
+    raise TypeError(
+      f"{name}: the ascent direction must return a pair (d, state), d"
+      " shaped like params and state like its init(params); got"
+      f" {_contract.describe(result)}."
+    )
+  direction, state = result
+  _contract.check_same_shapes(
+    direction, params, "d (the ascent direction's result)", name
+  )
+  _contract.check_state(
+    state, ascent.init, params, name, "state (the ascent direction's result)"
+  )
+  return direction, state
+
+
 def sharpness_aware_step(
   ascent: AscentDirection,
   rho: ArrayLike,
@@ -115,6 +169,13 @@ def sharpness_aware_step(
     arguments of an ``update``.
   """
   _contract.check_rho(rho, name)
+  normalize = _contract.check_bool(normalize, "normalize", name)
+  check_ascent(ascent, name)
+  if scale_fn is not None and not callable(scale_fn):
+    raise TypeError(
+      f"{name}: scale_fn must be a function params -> T (a pytree shaped"
+      f" like params) or None, got {scale_fn!r}."
+    )
 
   def step(
     updates: optax.Updates | None,
@@ -129,17 +190,26 @@ def sharpness_aware_step(
     params, loss_fn, batch = _contract.check_update_call(
       updates, params, loss_fn, batch, name
     )
+    _contract.check_state(state, ascent.init, params, name)
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
-    direction, state = ascent.direction(
-      updates,
-      state,
+    direction, state = _checked_direction(
+      ascent.direction(
+        updates,
+        state,
+        params,
+        loss_fn=loss_fn,
+        batch=batch,
+        key=key,
+        **extra_args,
+      ),
+      ascent,
       params,
-      loss_fn=loss_fn,
-      batch=batch,
-      key=key,
-      **extra_args,
+      name,
     )
-    scale = scale_fn(params) if scale_fn is not None else None
+    scale = None
+    if scale_fn is not None:
+      scale = scale_fn(params)
+      _contract.check_same_shapes(scale, params, "scale_fn(params)", name)
     epsilon = _perturbation.perturbation(
       direction, rho, normalize=normalize, scale=scale, mask=mask
     )
@@ -290,8 +360,8 @@ def from_gradient_fn(
 
   The skeleton of the variants that take every gradient they need themselves
   (one per micro-batch or device, so the incoming ``updates`` are not used and
-  may be None): the calling contract is checked, and the result is cast to
-  the parameters' dtypes.
+  may be None, and are only checked against ``params``): the calling
+  contract is checked, and the result is cast to the parameters' dtypes.
 
   Args:
     gradient_fn: computes the gradient to hand on.
@@ -311,10 +381,11 @@ def from_gradient_fn(
     key: jax.Array | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
-    del updates, key, extra_args  # gradient_fn takes its own gradients
+    del key, extra_args  # gradient_fn takes its own gradients
     params, loss_fn, batch = _contract.check_update_call(
-      None, params, loss_fn, batch, name
+      updates, params, loss_fn, batch, name
     )
+    _contract.check_state(state, lambda _: optax.EmptyState(), params, name)
     gradient = gradient_fn(loss_fn, params, batch)
     return optax.tree.cast_like(gradient, params), state
 

@@ -58,6 +58,7 @@ def m_sam(
   """
   name = "reference.m_sam"
   _contract.check_rho(rho, name)
+  normalize = _contract.check_bool(normalize, "normalize", name)
   micro_batch_size = _contract.check_integer(
     micro_batch_size, "micro_batch_size", name
   )

@@ -208,6 +208,7 @@ def _micro_batch_means(loss_fn, params, batch, size):
   return jax.tree.map(lambda *g: sum(g) / count, *grads)
 
 
+@pytest.mark.filterwarnings("ignore:sam_optax.flax.nnx_loss_fn")  # one jit
 # "unrolled" (the CPU default) also runs in the m_sam step above.
 @pytest.mark.parametrize(
   "implementation", ["vmap", pytest.param("unrolled", marks=pytest.mark.slow)]
@@ -244,6 +245,7 @@ def test_m_sam_normalizes_each_micro_batch_with_its_own_statistics(
   assert max(jax.tree.leaves(difference)) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:sam_optax.flax.nnx_loss_fn")  # one jit
 def test_probe_pass_leaves_the_model_alone():
   model = _fresh_model()
   loss_fn = sam_optax.flax.nnx_loss_fn(model, _per_example_loss)

@@ -26,6 +26,9 @@ from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
 
+# One loss_fn, built once, serves several one-off jitted checks.
+pytestmark = pytest.mark.filterwarnings("ignore:sam_optax.flax.nnx_loss_fn")
+
 BATCH = 8
 
 

@@ -100,11 +100,12 @@ def hessian_vector_product(
     ``H v``, a pytree like ``params`` with float32 leaves.
   """
   name = "hessian_vector_product"
+  _contract.check_differentiable_params(params, name)
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False
   )
-  _contract.check_same_structure(vector, params, "vector", name)
+  _contract.check_same_shapes(vector, params, "vector", name)
   return _hvp(loss_fn, params, data, vector, chunk_size)
 
 
@@ -145,6 +146,7 @@ def hessian_trace(
     An :class:`Estimate` of ``tr H`` (float32).
   """
   name = "hessian_trace"
+  _contract.check_differentiable_params(params, name)
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False
@@ -343,6 +345,7 @@ def hessian_top_eigenpair(
     A :class:`HessianEigenpair` (float32).
   """
   name = "hessian_top_eigenpair"
+  _contract.check_differentiable_params(params, name)
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False

@@ -75,6 +75,7 @@ def mean_gradient(
     chunk_size: examples per chunk (bounds memory), or None for all at once.
   """
   name = "mean_gradient"
+  _contract.check_differentiable_params(params, name)
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False
@@ -124,6 +125,7 @@ def gradient_noise(
     A :class:`GradientNoise` (float32).
   """
   name = "gradient_noise"
+  _contract.check_differentiable_params(params, name)
   _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False
@@ -185,8 +187,18 @@ def micro_batch_coefficient(
     num_examples: ``N``.
     with_replacement: draws with (True) or without (False) replacement.
   """
+  name = "micro_batch_coefficient"
+  with_replacement = _contract.check_bool(
+    with_replacement, "with_replacement", name
+  )
+  num_examples = int(
+    _contract.check_integer(
+      num_examples, "num_examples", name, static_hint=False
+    )
+    or 0
+  )
   micro_batch_size = _check_micro_batch_size(
-    micro_batch_size, num_examples, with_replacement, "micro_batch_coefficient"
+    micro_batch_size, num_examples, with_replacement, name
   )
   m, n = micro_batch_size, num_examples
   if with_replacement:
@@ -229,6 +241,7 @@ def micro_batch_gradient_sq_norm(
     ``E_S‖g_S‖²`` (float32 scalar).
   """
   name = "micro_batch_gradient_sq_norm"
+  _contract.check_differentiable_params(params, name)
   size = _contract.check_per_example_losses(loss_fn, params, data, name)
   coefficient = micro_batch_coefficient(
     micro_batch_size, size, with_replacement=with_replacement
@@ -288,6 +301,7 @@ def sample_micro_batch_gradients(
     A :class:`MicroBatchGradients`.
   """
   name = "sample_micro_batch_gradients"
+  _contract.check_differentiable_params(params, name)
   size = _contract.check_per_example_losses(loss_fn, params, data, name)
   chunk_size = _contract.check_integer(
     chunk_size, "chunk_size", name, optional=True, static_hint=False
@@ -299,7 +313,7 @@ def sample_micro_batch_gradients(
     num_samples, "num_samples", name, minimum=2, static_hint=False
   )
   if full_gradient is not None:
-    _contract.check_same_structure(full_gradient, params, "full_gradient", name)
+    _contract.check_same_shapes(full_gradient, params, "full_gradient", name)
   return _sample_micro_batches(
     loss_fn,
     params,

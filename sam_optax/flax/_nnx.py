@@ -13,6 +13,7 @@ step is traced, not when it runs.
 
 from collections.abc import Callable
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -62,6 +63,41 @@ def _couples_examples(model: nnx.Module) -> bool:
   )
 
 
+def _has_rng_streams(model: nnx.Module) -> bool:
+  return any(
+    isinstance(node, nnx.RngStream) for _, node in nnx.iter_graph(model)
+  )
+
+
+def _is_stochastic(model: nnx.Module) -> bool:
+  """Whether a layer of ``model`` draws random masks (Dropout in training)."""
+  return _has_rng_streams(model) and any(
+    getattr(node, "deterministic", None) is False
+    for _, node in nnx.iter_graph(model)
+    if isinstance(node, nnx.Module)
+  )
+
+
+def _under_jit() -> bool:
+  """Whether this call is being traced for a compiled step.
+
+  Not the transforms' shape-only checks (``jax.eval_shape``, which an eager
+  step runs too). False where this JAX cannot tell.
+  """
+  if _contract.in_shape_check():
+    return False
+  under_jit = getattr(jax._src.core, "unsafe_am_i_under_a_jit", None)
+  return bool(under_jit()) if under_jit is not None else False
+
+
+REUSED_MASKS_WARNING = (
+  "sam_optax.flax.nnx_loss_fn: this loss_fn was built outside the traced"
+  " train step, so the dropout keys it drew are constants of the compiled"
+  " step: every step reuses the same dropout masks. Build it inside the"
+  " train step (after the clean pass), as in its docstring."
+)
+
+
 def nnx_loss_fn(
   model: nnx.Module,
   per_example_loss: PerExampleLoss,
@@ -99,6 +135,15 @@ def nnx_loss_fn(
     another), and these masks are drawn independently of the clean pass's
     (as in PyTorch SAM, where each forward pass draws its own) and of every
     other step's.
+  * Build it in every step, inside the traced train step: it draws the
+    step's keys when it is built. Built once outside ``nnx.jit`` and used
+    in a jitted step, those keys are constants of the compiled step and
+    every step reuses the same dropout masks; a model with Dropout in
+    training mode then warns (``UserWarning``) when the step is traced. (A
+    one-off jitted evaluation, e.g. a diagnostic, warns too: filter the
+    warning there.)
+    (Run eagerly, a ``loss_fn`` built once and reused across steps reuses
+    its masks too, and cannot tell.)
   * ``loss_fn.couples_examples`` is True if, in its current mode, the model
     normalizes with batch statistics (a layer with
     ``use_running_average=False``: BatchNorm in training mode) or is
@@ -148,8 +193,15 @@ def nnx_loss_fn(
   passes = _draw_pass_streams(model)
   graphdef, _, state = nnx.split(passes, wrt, ...)  # type: ignore[misc]
   coupled = _couples_examples(model)
+  built_outside_trace = _is_stochastic(model) and not any(
+    isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(state)
+  )
+  warned: list[bool] = []
 
   def loss_fn(params: nnx.State, batch: Any) -> jax.Array:
+    if built_outside_trace and not warned and _under_jit():
+      warned.append(True)
+      warnings.warn(REUSED_MASKS_WARNING, UserWarning, stacklevel=2)
     return per_example_loss(
       nnx.merge(graphdef, params, state, copy=True), batch
     )
