@@ -247,12 +247,15 @@ def check_state(
   state's type and fields) and every leaf's shape, not the values or
   dtypes. Catches a state from another transform, ``optax.EmptyState()`` or
   None where a state is kept, and a state from ``init`` on other
-  parameters, at trace time.
+  parameters, at trace time. A transform that keeps no state (its ``init``
+  returns an ``optax.EmptyState()``) takes any empty state: ``()``, None.
 
   Raises:
     ValueError: naming ``argument``, with what was expected and what came.
   """
   expected = jax.eval_shape(init, params)
+  if not jax.tree.leaves(expected) and not jax.tree.leaves(state):
+    return  # nothing kept, nothing to mix up
   same = jax.tree.structure(state) == jax.tree.structure(expected)  # type: ignore[operator]
   same = same and all(
     _shape(a) == _shape(b)

@@ -388,6 +388,18 @@ def test_stateless_transforms_refuse_another_state(make):
     _update(make(RHO), _grad(), state)
 
 
+@pytest.mark.parametrize("state", [(), None], ids=["tuple", "None"])
+def test_stateless_transforms_take_any_empty_state(state):
+  # optax's own stateless transforms are often given () (nothing to mix up).
+  tx = sam_optax.sam(RHO)
+  expected, _ = _update(tx, _grad(), tx.init(PARAMS))
+  actual, _ = _update(tx, _grad(), state)
+  for a, b in zip(
+    jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_state_check_passes_under_jit_and_in_chains():
   tx = optax.chain(sam_optax.look_sam(RHO, 2), optax.sgd(0.1))
   state = tx.init(PARAMS)
