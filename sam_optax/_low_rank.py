@@ -268,8 +268,11 @@ def _evaluate(jaxpr: Any, args: Sequence[Any], hooks: dict[int, Any]) -> Any:
       outputs = [hook(operands)]
     else:
       params = eqn.primitive.get_bind_params(eqn.params)
+      subfuns: Sequence[Any] = ()
+      if isinstance(params, tuple):  # jax < 0.8: (subfuns, params)
+        subfuns, params = params
       with eqn.ctx.manager:
-        result = eqn.primitive.bind(*operands, **params)
+        result = eqn.primitive.bind(*subfuns, *operands, **params)
       outputs = result if eqn.primitive.multiple_results else [result]
     for var, value in zip(eqn.outvars, outputs, strict=True):
       env[var] = value

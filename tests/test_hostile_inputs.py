@@ -432,7 +432,11 @@ def _custom(direction, scale_fn=None):
       ValueError,
       "shapes",
     ),
-    (lambda u, s, p, **k: (_grad(), None), ValueError, "`state"),
+    (
+      lambda u, s, p, **k: (_grad(), {"count": jnp.zeros([])}),
+      ValueError,
+      "`state",
+    ),
   ],
   ids=["wrong_tree", "none", "d_alone", "broadcastable", "bad_state"],
 )
