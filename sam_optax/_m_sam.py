@@ -10,6 +10,7 @@ which ``implementation="auto"`` picks by a cost model.
 
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 import optax
@@ -61,6 +62,8 @@ def takes_low_rank(
   ``m = 16`` against 2.9× for the best copy form. Shapes only: it traces
   ``loss_fn``, nothing runs.
   """
+  if any(jnp.result_type(x) == jnp.float64 for x in jax.tree.leaves(params)):
+    return False  # the low-rank form computes in float32
   micro_batches = _micro_batches.split_micro_batches(
     batch, micro_batch_size, "m_sam"
   )
@@ -90,15 +93,18 @@ def micro_batch_step(
 ) -> _micro_batches.MicroBatchStep:
   """One micro-batch's step: exactly a :func:`sam` (or :func:`usam`) update.
 
-  Returns ``(params, micro_batch) -> ∇L_{B_j}(w + ε_j)`` in float32, so that
-  the average over micro-batches accumulates in float32.
+  Returns ``(params, micro_batch) -> ∇L_{B_j}(w + ε_j)`` in float32 at least
+  (float64 for float64 parameters), so that the average over micro-batches
+  accumulates in float32, or float64 under ``jax_enable_x64``.
   """
 
   def step(params: Any, micro_batch: Any) -> Any:
     gradient, _ = sam_step.update(
       None, optax.EmptyState(), params, loss_fn=loss_fn, batch=micro_batch
     )
-    return optax.tree.cast(gradient, jnp.float32)
+    return jax.tree.map(
+      lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), gradient
+    )
 
   return step
 

@@ -206,3 +206,39 @@ def test_gsam_keeps_a_tiny_float64_orthogonal_part():
     assert orthogonal["w"].dtype == jnp.float64
     np.testing.assert_allclose(orthogonal["w"], want, rtol=1e-12)
     assert abs(float(orthogonal["w"][1])) > 1e-51
+
+
+def test_m_sam_keeps_float64_accuracy_under_x64():
+  # Issue 18, item 8: float64 gradients of 1e-50 made m_sam return 0.
+  with jax.enable_x64(True):
+    params = {
+      "w": jnp.asarray([0.4, -0.8, 1.2], jnp.float64),
+      "b": jnp.asarray(0.1, jnp.float64),
+    }
+    batch = {
+      "x": jnp.eye(4, 3, dtype=jnp.float64),
+      "y": jnp.asarray([1.0, -1.0, 0.5, 0.0], jnp.float64),
+    }
+
+    def loss_fn(p, b):
+      return 1e-50 * (b["x"] @ p["w"] + p["b"] - b["y"]) ** 2
+
+    def sam_gradient(p, b):
+      tx = sam_optax.sam(0.05)
+      grads = jax.grad(lambda q: loss_fn(q, b).mean())(p)
+      return tx.update(grads, tx.init(p), p, loss_fn=loss_fn, batch=b)[0]
+
+    tx = sam_optax.m_sam(0.05, micro_batch_size=2)
+    got = tx.update(
+      None, tx.init(params), params, loss_fn=loss_fn, batch=batch
+    )[0]
+    halves = [
+      jax.tree.map(lambda x, i=i: x[2 * i : 2 * i + 2], batch) for i in range(2)
+    ]
+    expected = jax.tree.map(
+      lambda a, c: (a + c) / 2, *[sam_gradient(params, h) for h in halves]
+    )
+    for key in params:
+      assert got[key].dtype == jnp.float64
+      assert np.all(np.abs(np.asarray(got[key])) > 0)
+      np.testing.assert_allclose(got[key], expected[key], rtol=1e-12)
