@@ -246,6 +246,15 @@ def make_plan(
 # --- The interpreter ----------------------------------------------------------
 
 
+def _bind(eqn: Any, operands: Sequence[Any]) -> Any:
+  """Applies ``eqn``'s primitive to ``operands``, as ``jax.core.eval_jaxpr``."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns: Sequence[Any] = ()
+  if isinstance(params, tuple):  # jax < 0.8: (subfuns, params)
+    subfuns, params = params
+  return eqn.primitive.bind(*subfuns, *operands, **params)
+
+
 def _evaluate(jaxpr: Any, args: Sequence[Any], hooks: dict[int, Any]) -> Any:
   """``jax.core.eval_jaxpr``, with the equations in ``hooks`` replaced.
 
@@ -267,12 +276,8 @@ def _evaluate(jaxpr: Any, args: Sequence[Any], hooks: dict[int, Any]) -> Any:
     if hook is not None:
       outputs = [hook(operands)]
     else:
-      params = eqn.primitive.get_bind_params(eqn.params)
-      subfuns: Sequence[Any] = ()
-      if isinstance(params, tuple):  # jax < 0.8: (subfuns, params)
-        subfuns, params = params
       with eqn.ctx.manager:
-        result = eqn.primitive.bind(*subfuns, *operands, **params)
+        result = _bind(eqn, operands)
       outputs = result if eqn.primitive.multiple_results else [result]
     for var, value in zip(eqn.outvars, outputs, strict=True):
       env[var] = value
@@ -406,8 +411,7 @@ def _chunk_mean(
         eqn = eqns[index]
         layer = factored[index]
         inputs[index] = operands[1 - layer.weight_operand]
-        params = eqn.primitive.get_bind_params(eqn.params)
-        return eqn.primitive.bind(*operands, **params) + taps[index]
+        return _bind(eqn, operands) + taps[index]
 
       hooks = {index: functools.partial(hook, index) for index in factored}
       args = [*with_copied(copies), *jax.tree.leaves(micro_batch)]
@@ -461,8 +465,7 @@ def _chunk_mean(
     def hook(index: int, operands: list[Any]) -> Any:
       eqn = eqns[index]
       layer = factored[index]
-      params = eqn.primitive.get_bind_params(eqn.params)
-      return eqn.primitive.bind(*operands, **params) + _correction(
+      return _bind(eqn, operands) + _correction(
         eqn,
         layer,
         operands[1 - layer.weight_operand],
