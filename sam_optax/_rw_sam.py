@@ -150,14 +150,19 @@ def gibbs_weights(
       f" shape {jnp.shape(norms)}."
     )
   scaled = scale_scores(_scores(norms, score, norm_scaling), norm_scaling)
-  # ŝ − max ŝ <= 0: the largest score's logit is 0 for every λ (0/0 is
-  # avoided where λ underflows), the others go to −∞ as λ → 0.
-  gap = scaled - jnp.max(scaled)
+  top = jnp.max(scaled)
+  # ŝ − max ŝ <= 0: the largest score's logit is 0 for every λ, the others
+  # go to −∞ as λ → 0. XLA may compute ŝ for the max and for the gap with
+  # other roundings (the largest score's gap was 5e-8, not 0, measured), so
+  # a gap within a few roundings of 0 counts as a tie with the largest.
+  gap = jnp.minimum(scaled - top, 0.0)
+  eps = jnp.finfo(jnp.float32).eps
+  tie = gap >= -4 * eps * jnp.maximum(jnp.abs(top), 1.0)
   lam = jnp.asarray(lam, jnp.float32)
-  safe_lam = jnp.where(lam > 0, lam, 1.0)
-  logits = jnp.where(
-    gap == 0, 0.0, jnp.where(lam > 0, gap / safe_lam, -jnp.inf)
-  )
+  # A subnormal λ is the λ → 0 limit (CPUs flush subnormals to zero).
+  resolved = lam >= jnp.finfo(jnp.float32).tiny
+  safe_lam = jnp.where(resolved, lam, 1.0)
+  logits = jnp.where(tie, 0.0, jnp.where(resolved, gap / safe_lam, -jnp.inf))
   largest = jnp.finfo(jnp.float32).max
   return jax.nn.softmax(jnp.clip(logits, -largest, largest))
 

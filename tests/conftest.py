@@ -1,9 +1,56 @@
-"""Shared test settings: hypothesis profiles sized for a 2-core CPU."""
+"""Shared test settings, sized for a 2-core CPU.
+
+Nearly all of the default suite's time is XLA compiling small programs (a
+second run with every program cached takes a quarter of the time), so:
+
+- LLVM's optimization level is 0 (``--xla_backend_optimization_level=0``,
+  about 30% off the suite). XLA's HLO passes (fusion, simplification, buffer
+  assignment) are unchanged, so compiled FLOPs, bytes and memory, which
+  tests/test_cost_pins.py pins, are the same; only the machine code is
+  slower, and the tests' programs run for milliseconds.
+  ``SAM_OPTAX_TEST_XLA_DEFAULTS=1`` keeps XLA's defaults (.ci/run runs the
+  numerical-edge checks that way too).
+- Every process of one run (the xdist workers, and their subprocesses) shares
+  one JAX persistent compilation cache, in a fresh temporary directory: a
+  program compiled by one test is not compiled again by another. It is empty
+  at the start of every run, so the time measured is a fresh clone's.
+- hypothesis takes 8 examples by default (``HYPOTHESIS_PROFILE=thorough``:
+  200).
+"""
 
 import os
+import shutil
+import tempfile
 
 import hypothesis
 import pytest
+
+# Both before JAX is imported (by a test module or a plugin's first use):
+# XLA reads its flags once, when the backend starts.
+if os.environ.get("SAM_OPTAX_TEST_XLA_DEFAULTS") != "1":
+  _flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = (
+      _flags + " --xla_backend_optimization_level=0"
+    ).strip()
+
+# The controller (or a run without xdist) makes the directory; the workers it
+# starts afterwards inherit the variable and use the same one.
+_CACHE_VARIABLE = "SAM_OPTAX_TEST_COMPILATION_CACHE"
+_OWNS_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWNS_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="sam-optax-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_VARIABLE])
+# Every program, however small or quick to compile, is worth keeping here.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
+
 
 # Jitted code compiles on first use, so per-example deadlines are meaningless.
 hypothesis.settings.register_profile(

@@ -167,6 +167,17 @@ def test_rw_sam_with_a_tiny_lam_uses_the_largest_norm_only():
   np.testing.assert_allclose(state.effective_sample_size, 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lam", [1e-45, 1e-30])
+def test_a_traced_tiny_lam_puts_all_weight_on_the_largest_norm(lam):
+  # Traced, λ is not checked, and the largest score's gap to the max was
+  # XLA's rounding (5e-8), not 0: every logit went to -inf (uniform weights,
+  # or NaN at LLVM's -O0).
+  weights = jax.jit(sam_optax.gibbs_weights)(NORMS, lam)
+  np.testing.assert_array_equal(
+    weights, jax.nn.one_hot(jnp.argmax(NORMS), NORMS.shape[0])
+  )
+
+
 @pytest.mark.parametrize("lam", [0.0, -1.0, "x", None, np.complex64(0.5j)])
 def test_gibbs_weights_name_a_bad_lam(lam):
   with pytest.raises(ValueError, match="gibbs_weights: lam must be"):

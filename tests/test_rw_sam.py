@@ -250,20 +250,26 @@ class DiagnosticsTest(chex.TestCase):
     weights = sam_optax.gibbs_weights(norms, 0.5)
     get = lambda name: optax.tree.get(state, name)
     np.testing.assert_allclose(get("clean_loss"), jnp.mean(losses), rtol=1e-6)
+    # The estimates divide a loss difference by σ = 1e-4: where the step and
+    # this recomputation round ℓ differently (jit against eager, XLA's
+    # optimization level), they differ by up to ~1e-7 / 1e-4 relative.
+    fd_rtol = 2e-3
     np.testing.assert_allclose(
-      get("gradient_norm_mean"), jnp.mean(norms), rtol=1e-5
+      get("gradient_norm_mean"), jnp.mean(norms), rtol=fd_rtol
     )
     np.testing.assert_allclose(
-      get("gradient_norm_std"), jnp.std(norms), rtol=1e-5
+      get("gradient_norm_std"), jnp.std(norms), rtol=fd_rtol
     )
     np.testing.assert_allclose(
-      get("gradient_norm_max"), jnp.max(norms), rtol=1e-5
+      get("gradient_norm_max"), jnp.max(norms), rtol=fd_rtol
     )
     np.testing.assert_allclose(
-      get("effective_sample_size"), 1 / jnp.sum(weights**2), rtol=1e-5
+      get("effective_sample_size"), 1 / jnp.sum(weights**2), rtol=fd_rtol
     )
     np.testing.assert_allclose(
-      get("weight_entropy"), -jnp.sum(weights * jnp.log(weights)), rtol=1e-5
+      get("weight_entropy"),
+      -jnp.sum(weights * jnp.log(weights)),
+      rtol=fd_rtol,
     )
     assert 1.0 <= get("effective_sample_size") <= 8.0
 
