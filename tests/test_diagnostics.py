@@ -177,7 +177,6 @@ class HessianTest(chex.TestCase):
     )
     self.assertGreater(float(top.residual_norm), 0.0)
 
-  @hypothesis.settings(max_examples=10)
   @hypothesis.given(
     spectrum=st.lists(
       st.sampled_from([-3.0, -1.0, 0.0, 0.5, 1.0, 2.5, 4.0]),

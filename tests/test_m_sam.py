@@ -239,11 +239,11 @@ class MSamTest(chex.TestCase):
     params, batch = _setup(seed=70)
     zero_loss = lambda p, b: 0.0 * mlp_loss(p, b)
     for implementation in ("vmap", "unrolled"):
-      updates = _update(
-        sam_optax.m_sam(RHO, 2, implementation=implementation),
-        params,
-        batch,
-        zero_loss,
+      tx = sam_optax.m_sam(RHO, 2, implementation=implementation)
+      # Jitted: one compile, not one per primitive (the eager path's zero
+      # gradient is tests/test_input_checks.py's, for every variant).
+      updates = jax.jit(lambda p, b, tx=tx: _update(tx, p, b, zero_loss))(
+        params, batch
       )
       np.testing.assert_array_equal(flatten(updates), 0.0)
 

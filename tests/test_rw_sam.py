@@ -311,7 +311,6 @@ def test_zero_gradient_gives_no_nan():
   lam=st.floats(0.05, 10.0),
   scale=st.floats(1e-3, 1e3),
 )
-@hypothesis.settings(max_examples=25)
 def test_gibbs_weights_properties(norms, lam, scale):
   norms = jnp.asarray(norms, jnp.float32)
   hypothesis.assume(float(jnp.mean(norms)) > 1e-3)
