@@ -137,17 +137,24 @@ def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
 def transform_runner(
   make: Callable[[], optax.GradientTransformationExtraArgs] | None,
   prepare: Callable[[Any], Any] | None = None,
+  *,
+  whole: bool = False,
 ) -> Callable[[Setup], Runner]:
   """A train step with ``make()`` chained before SGD (plain SGD if None).
 
   ``prepare`` maps the initial optimizer state to the one the step runs from
   (e.g. a step counter); the cost is then that of the step compiled with that
-  state as a constant, where XLA keeps only the branch it selects.
+  state as a constant, where XLA keeps only the branch it selects. ``whole``:
+  ``make()`` is the whole optimizer (bSAM), with no SGD after it.
   """
 
   def build(setup: Setup) -> Runner:
     base = optax.sgd(LEARNING_RATE, momentum=0.9)
-    tx = base if make is None else optax.chain(make(), base)
+    if whole:
+      assert make is not None
+      tx = make()
+    else:
+      tx = base if make is None else optax.chain(make(), base)
     loss_fn = steps_lib.passes_loss_fn(
       setup.graphdef, setup.params, setup.state, setup.per_example_loss
     )

@@ -5,7 +5,8 @@ momentum and a cosine learning-rate schedule, as in the papers (weight decay
 belongs to the base optimizer, never to the ascent step). ``variant`` is one
 entry of :data:`VARIANTS`, a ``sam_optax`` function called with the options
 of :class:`experiments.config.OptimizerConfig`; plain SGD uses
-``optax.identity()``. The train step calls every one the same way::
+``optax.identity()``. bSAM is a whole optimizer and stands alone
+(:data:`WHOLE_OPTIMIZERS`). The train step calls every one the same way::
 
   updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn,
                                  batch=batch, key=key)
@@ -38,16 +39,25 @@ VARIANTS: dict[
   "esam": sam_optax.esam,
   "lookbehind_sam": sam_optax.lookbehind_sam,
   "multi_step_sam": sam_optax.multi_step_sam,
-  # functional_sam needs loss_fn split into a model and a loss of its
-  # outputs (sam_optax.SplitLoss), which the experiments' loss_fn is not, and
-  # bsam is a whole optimizer (it ends the chain, no SGD after it): neither
-  # fits chain(variant, add_decayed_weights, sgd); see
-  # experiments/functional_sam_lm.py for functional_sam.
+  # The experiments' loss_fn is a sam_optax.SplitLoss (steps.passes_loss_fn:
+  # the logits, then their cross-entropy), so functional_sam runs on the same
+  # model as the others.
+  "functional_sam": sam_optax.functional_sam,
   "preconditioned_sam": sam_optax.preconditioned_sam,
   "gcsam": sam_optax.gcsam,
+  # A whole optimizer: it ends the chain (WHOLE_OPTIMIZERS).
+  "bsam": sam_optax.bsam,
 }
 """Optimizer name -> its ``sam_optax`` variant, called as ``f(rho, **options)``
-(None: plain SGD)."""
+(None: plain SGD; the :data:`WHOLE_OPTIMIZERS` as :func:`make_optimizer`
+says)."""
+
+WHOLE_OPTIMIZERS = ("bsam",)
+"""The variants that are the whole optimizer (their own descent, momentum and
+weight decay): :func:`make_optimizer` returns them alone, no SGD after them.
+bSAM is called as ``bsam(cosine schedule, rho=rho, b1=momentum,
+weight_decay=weight_decay, **options)``; its ``options`` must give
+``num_data`` (the training set's size ``N``)."""
 
 BASE_ARGUMENT = {"sampa": "auxiliary_step", "lookbehind_sam": "optimizer"}
 """The variants that take the base optimizer, and the argument they take it
@@ -67,6 +77,11 @@ def variant(
   if config.name not in VARIANTS:
     raise ValueError(
       f"unknown optimizer {config.name!r}; choose one of {list(VARIANTS)}."
+    )
+  if config.name in WHOLE_OPTIMIZERS:
+    raise ValueError(
+      f"{config.name} is a whole optimizer (it ends the chain): build it"
+      " with make_optimizer."
     )
   function = VARIANTS[config.name]
   if function is None:
@@ -94,7 +109,9 @@ def make_optimizer(
   """``chain(variant, add_decayed_weights, sgd(cosine, momentum))``.
 
   Lookbehind-SAM owns that base (``lookbehind_sam(..., optimizer=base)``);
-  SAMPa gets a copy of it for its auxiliary step.
+  SAMPa gets a copy of it for its auxiliary step. bSAM is the whole
+  optimizer (:data:`WHOLE_OPTIMIZERS`): the cosine schedule is its step
+  size, ``momentum`` its ``b1``, ``weight_decay`` its ``δ``.
 
   Args:
     config: the optimizer.
@@ -104,6 +121,20 @@ def make_optimizer(
     An ``optax.GradientTransformationExtraArgs``; call its ``update`` with the
     clean gradient and ``loss_fn``, ``batch`` and ``key`` keyword arguments.
   """
+  if config.name in WHOLE_OPTIMIZERS:
+    options = dict(config.options)
+    if "num_data" not in options:
+      raise ValueError(
+        f"{config.name} needs the training set's size: options="
+        "{'num_data': N}."
+      )
+    return VARIANTS[config.name](
+      learning_rate_schedule(config, total_steps),
+      rho=config.rho,
+      b1=config.momentum,
+      weight_decay=config.weight_decay,
+      **options,
+    )
   base = optax.chain(
     optax.add_decayed_weights(config.weight_decay),
     optax.sgd(

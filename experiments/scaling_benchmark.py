@@ -168,16 +168,23 @@ def sizes(
   return chosen
 
 
-def token_loss(
-  model: Any, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, jax.Array]:
-  """A language model's per-sequence loss: next-token cross-entropy, the
-  mean over positions (float32), and the logits."""
-  logits = model(batch["inputs"]).astype(jnp.float32)
+def token_cross_entropy(
+  logits: jax.Array, batch: dict[str, jax.Array]
+) -> jax.Array:
+  """Next-token cross-entropy of the logits ``[B, T, V]``, the mean over
+  positions: the per-sequence losses ``[B]``."""
   losses = optax.softmax_cross_entropy_with_integer_labels(
     logits, batch["labels"]
   )
-  return jnp.mean(losses, axis=-1), logits
+  return jnp.mean(losses, axis=-1)
+
+
+token_loss = steps_lib.SplitPerExampleLoss(
+  steps_lib.logits, token_cross_entropy
+)
+"""A language model's per-sequence loss (float32) and the logits, split into
+the model's logits and :func:`token_cross_entropy` of them (so
+``functional_sam`` gets the same model)."""
 
 
 def make_setup(size: Size) -> benchmark.Setup:
@@ -242,13 +249,36 @@ def m_sam_variants(setup: benchmark.Setup) -> list[benchmark.Variant]:
   return entries
 
 
+BSAM_NUM_DATA = 50_000
+"""bSAM's ``N`` in its row (CIFAR's training set; it sets the noise's scale,
+not the cost)."""
+
+
 def variants(setup: benchmark.Setup) -> list[benchmark.Variant]:
   """One row per entry of :data:`experiments.optimizers.VARIANTS` (m-SAM and
-  LookSAM: several), each called with its defaults."""
+  LookSAM: several), each called with its defaults.
+
+  Every row's ``loss_fn`` is the setup's split loss (a
+  :class:`sam_optax.SplitLoss`: the model's logits, then a loss of them), so
+  ``functional_sam`` runs on the same model as the rest. The whole
+  optimizers (:data:`experiments.optimizers.WHOLE_OPTIMIZERS`, bSAM) run
+  alone, no SGD after them: their ratios compare their step with SAM +
+  SGD's (:data:`WHOLE_NOTE`).
+  """
   entries = []
   for name, function in optimizers.VARIANTS.items():
     if function is None:
       entries.append(benchmark.Variant(name, benchmark.transform_runner(None)))
+    elif name in optimizers.WHOLE_OPTIMIZERS:
+      entries.append(
+        benchmark.Variant(
+          name,
+          benchmark.transform_runner(
+            functools.partial(function, benchmark.LEARNING_RATE, BSAM_NUM_DATA),
+            whole=True,
+          ),
+        )
+      )
     elif function is sam_optax.m_sam:
       entries += m_sam_variants(setup)
     elif function is sam_optax.look_sam:
@@ -433,6 +463,26 @@ LOOP_NOTE = (
   " of the step."
 )
 
+WHOLE_NOTE = (
+  "bsam is the whole optimizer (bsam(0.1, num_data=50000), its own momentum"
+  " and preconditioner, no SGD after it); every other row is the variant"
+  " then SGD with momentum, so bsam's / sam compares its step with SAM +"
+  " SGD's. It uses no clean gradient: its two passes are at a noisy point"
+  " w + z/sqrt(N s) and at the perturbed point (XLA drops the step's unused"
+  " clean backward pass; with BatchNorm the clean forward pass stays, for"
+  " the running statistics)."
+)
+
+FUNCTIONAL_NOTE = (
+  "functional_sam runs on the same model through the split loss"
+  " (sam_optax.SplitLoss: the logits, then their cross-entropy): with the"
+  " clean gradient given it takes a forward pass at w for the clean logits"
+  " and one VJP of the model at w + eps, beside the step's clean pass."
+)
+
+NOTES = (LOOP_NOTE, WHOLE_NOTE, FUNCTIONAL_NOTE)
+"""The notes printed under the tables (and kept in the JSON)."""
+
 
 def _fmt(value: float | None, form: str = ".2f") -> str:
   return "" if value is None or not math.isfinite(value) else f"{value:{form}}"
@@ -598,6 +648,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "command": command,
     "setting": setting,
     "load_average": {"before": load_before},
+    "notes": list(NOTES),
     "results": [],
   }
   for size in sizes(setting, args.families, args.sizes):
@@ -616,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(table(result))
     print(f"\nauto: {result['auto']['plan']}; {result['verdict']}")
   print(f"\nload average after: {load_after}")
-  print(LOOP_NOTE)
+  for note in NOTES:
+    print(note)
   path = reporting.write_results(summary, str(output_dir))
   print(f"wrote {path}")
   if not args.no_plots:

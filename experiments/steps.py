@@ -44,15 +44,43 @@ TrainStep = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 EvalStep = Callable[..., tuple[jax.Array, jax.Array]]
 
 
-def per_example_loss(
-  model: nnx.Module, batch: dict[str, jax.Array]
-) -> tuple[jax.Array, jax.Array]:
-  """Softmax cross-entropy per example (float32), and the logits."""
-  logits = model(batch["inputs"]).astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-    logits, batch["labels"]
+def logits(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+  """The model's outputs on the batch's inputs, in float32."""
+  return model(batch["inputs"]).astype(jnp.float32)
+
+
+def cross_entropy(outputs: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+  """Softmax cross-entropy of the logits ``outputs`` per example, ``[B]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+    outputs, batch["labels"]
   )
-  return losses, logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPerExampleLoss:
+  """A per-example loss split into the model's outputs and a loss of them.
+
+  Called as ``(model, batch) -> (losses [B], outputs)``, the per-example loss
+  with its outputs as ``aux``; :func:`passes_loss_fn` turns it into a
+  :class:`sam_optax.SplitLoss`, so that ``functional_sam`` (which needs the
+  two halves) runs on the same model as every other variant.
+
+  Attributes:
+    forward: ``(model, batch) -> outputs`` (the logits).
+    output_loss: ``(outputs, batch) -> losses [B]``.
+  """
+
+  forward: Callable[[nnx.Module, Any], Any]
+  output_loss: Callable[[Any, Any], jax.Array]
+
+  def __call__(self, model: nnx.Module, batch: Any) -> tuple[jax.Array, Any]:
+    outputs = self.forward(model, batch)
+    return self.output_loss(outputs, batch), outputs
+
+
+per_example_loss = SplitPerExampleLoss(logits, cross_entropy)
+"""Softmax cross-entropy per example (float32), and the logits: the
+experiments' loss, split (:class:`SplitPerExampleLoss`)."""
 
 
 def passes_loss_fn(
@@ -67,9 +95,13 @@ def passes_loss_fn(
   ``state``: in training mode BatchNorm normalizes each pass with its batch's
   statistics and no pass moves the running ones (only the clean pass does).
   ``loss`` is ``(model, batch) -> (losses [B], aux)``
-  (:func:`per_example_loss` by default).
+  (:func:`per_example_loss` by default). A :class:`SplitPerExampleLoss`
+  gives :func:`sam_optax.flax.nnx_split_loss`'s ``SplitLoss`` (the same
+  losses, and the two halves ``functional_sam`` needs).
   """
   model = nnx.merge(graphdef, params, state)
+  if isinstance(loss, SplitPerExampleLoss):
+    return sam_optax.flax.nnx_split_loss(model, loss.forward, loss.output_loss)
   return sam_optax.flax.nnx_loss_fn(
     model, lambda model, batch: loss(model, batch)[0]
   )

@@ -79,11 +79,47 @@ def gradient_centralization(
   )
 
 
+GCSAM_NORMS = ("centralized", "gradient")
+"""The norms :func:`gcsam` divides its ascent by: ``‖GC(g_B)‖`` (the
+paper's formula) or ``‖g_B‖`` (the authors' code)."""
+
+
+def _gradient_normalized_ascent(axis: int) -> _transform.AscentDirection:
+  """``d = GC(g_B) / (‖g_B‖ + δ)``: the authors' code's ascent, to be
+  scaled by ``ρ`` without a further normalization."""
+  centralized = centralized_ascent(axis)
+
+  def direction(
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params,
+    *,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]:
+    gradient = _transform.clean_gradient_or_compute(
+      updates, params, loss_fn, batch
+    )
+    d, state = centralized.direction(
+      gradient, state, params, loss_fn=loss_fn, batch=batch, key=key
+    )
+    dtype = _perturbation.accumulation_dtype(gradient)
+    norm = _perturbation.global_norm(gradient) + jnp.asarray(
+      _perturbation.NORM_EPS, dtype
+    )
+    return jax.tree.map(lambda x: x.astype(dtype) / norm, d), state
+
+  return _transform.AscentDirection(init=centralized.init, direction=direction)
+
+
 def gcsam(
   rho: ArrayLike = 0.05,
   *,
   axis: int = -1,
   centralize_descent: bool = True,
+  norm: str = "centralized",
   perturb_mask: _perturbation.PerturbMask = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GCSAM: SAM perturbing along the centralized gradient.
@@ -102,12 +138,25 @@ def gcsam(
   :func:`gradient_centralization` (an ``optax.chain``, so the state is a
   pair of ``EmptyState``). On a model with no kernels it is :func:`sam`.
 
+  The authors' code (Mohamed-Hassan22/GCSAM, ``cifar10_gcsam_resnet50.py``)
+  differs from the paper's formula in two places, both options here:
+  it divides by the norm of the raw gradient, taken before centralizing,
+  ``ε = ρ GC(g_B) / (‖g_B‖ + δ)`` (``norm="gradient"``, so ``‖ε‖ ≤ ρ``),
+  and its descent is the plain ``∇L_B(w + ε)`` (its ``second_step`` has the
+  centralization commented out: ``centralize_descent=False``).
+  ``gcsam(rho, norm="gradient", centralize_descent=False)`` follows its
+  trajectory to ~1e-7 (``tests/test_authors_code.py``).
+
   Args:
     rho: the perturbation radius ``ρ >= 0``.
     axis: the output axis of the kernels: ``-1`` for Flax/JAX layouts,
       ``0`` for PyTorch's.
     centralize_descent: centralize the gradient handed on too, as GC does
-      for the base optimizer (the paper's descent step).
+      for the base optimizer (the authors' code does not).
+    norm: ``"centralized"``, divide ``d`` by ``‖GC(g_B)‖`` (the paper's
+      ``ε = ρ ∇_GC L / ‖∇_GC L‖``), or ``"gradient"``, by ``‖g_B‖`` over
+      every leaf (the authors' code; with ``perturb_mask`` the masked
+      leaves still count in that norm).
     perturb_mask: which leaves to perturb; see :func:`sam`.
 
   Returns:
@@ -119,10 +168,15 @@ def gcsam(
     al., `Gradient Centralization <https://arxiv.org/abs/2004.01461>`_,
     ECCV 2020.
   """
+  by_gradient = _contract.check_choice(norm, GCSAM_NORMS, "norm", "gcsam") == (
+    "gradient"
+  )
   member = _transform.sharpness_aware(
-    centralized_ascent(axis),
+    _gradient_normalized_ascent(axis)
+    if by_gradient
+    else centralized_ascent(axis),
     rho,
-    normalize=True,
+    normalize=not by_gradient,
     perturb_mask=perturb_mask,
     name="gcsam",
   )

@@ -242,3 +242,31 @@ def test_lookbehind_sam():
     optax.chain(sam_optax.sam(0.05), _sgd()), cross_entropy, batches
   )
   _check("lookbehind_k2_alpha_0.5", ours, other=no_lookbehind)
+
+
+def test_gcsam_authors_code():
+  """GCSAM's official script (Mohamed-Hassan22/GCSAM 835c2b49ca3b,
+  ``cifar10_gcsam_resnet50.py``: its ``GCSAM`` class, run by
+  ``tests/data/gcsam_authors_record.py``, whose docstring has the commands;
+  torch 2.14.1, CPU, the weights in ``nn.Linear``'s ``[out, in]`` layout).
+  Its ascent divides by the raw gradient's norm and its descent is not
+  centralized: ``gcsam(norm="gradient", centralize_descent=False)``. The
+  paper's formula (the default) differs by far more."""
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parent / "data" / "gcsam_authors.npz"
+  expected = np.load(path)["gcsam"]
+  batches = _batches()
+  ours = _trajectory(
+    optax.chain(
+      sam_optax.gcsam(0.05, norm="gradient", centralize_descent=False), _sgd()
+    ),
+    cross_entropy,
+    batches,
+  )
+  paper = _trajectory(
+    optax.chain(sam_optax.gcsam(0.05), _sgd()), cross_entropy, batches
+  )
+  assert ours.shape == expected.shape == (10, 2058)
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+  assert np.abs(paper - expected).max() > 100 * ATOL

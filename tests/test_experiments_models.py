@@ -1,5 +1,6 @@
 """Every optimizer trains every model family; BatchNorm and the NNX glue."""
 
+import dataclasses
 import functools
 
 from flax import nnx
@@ -50,6 +51,7 @@ OPTIONS = {
   "m_sam": {"micro_batch_size": 4, "implementation": "unrolled"},
   "rw_sam": {"lam": 0.5},
   "rw_asam": {"lam": 0.5},
+  "bsam": {"num_data": 50_000},
 }
 
 
@@ -174,6 +176,8 @@ def test_passes_loss_fn_uses_batch_statistics_and_discards_their_update():
   # BatchNorm in training mode couples the examples (exact per-example
   # norms then take Jacobian rows).
   assert passes_loss_fn.couples_examples
+  # Split (logits, then their cross-entropy), so functional_sam takes it.
+  assert isinstance(passes_loss_fn, sam_optax.SplitLoss)
   loss_fn = jax.jit(passes_loss_fn)
   losses = loss_fn(split.params, batch)
   assert losses.shape == (BATCH,)
@@ -189,6 +193,36 @@ def test_passes_loss_fn_uses_batch_statistics_and_discards_their_update():
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert not _leaves_equal(before, new_state)
+
+
+def test_bsam_is_the_whole_optimizer():
+  """bSAM ends the chain: make_optimizer returns it alone (no SGD after
+  it), with the cosine schedule, momentum and weight decay as its own."""
+  config = config_lib.OptimizerConfig(
+    name="bsam", learning_rate=0.05, rho=0.01, options={"num_data": 100}
+  )
+  tx = optimizers.make_optimizer(config, 10)
+  params = {"w": jnp.ones((3,))}
+  assert isinstance(tx.init(params), sam_optax.BsamState)
+  batch = {"x": jnp.arange(4.0)}
+  loss_fn = lambda p, b: (b["x"] * jnp.sum(p["w"])) ** 2
+  zero = jax.tree.map(jnp.zeros_like, params)
+  got, _ = tx.update(
+    None, tx.init(params), params, loss_fn=loss_fn, batch=batch, noise=zero
+  )
+  want, _ = sam_optax.bsam(
+    optimizers.learning_rate_schedule(config, 10),
+    100,
+    0.01,
+    b1=config.momentum,
+    weight_decay=config.weight_decay,
+  ).update(None, tx.init(params), params, loss_fn=loss_fn, batch=batch,
+           noise=zero)  # fmt: skip
+  np.testing.assert_array_equal(got["w"], want["w"])
+  with pytest.raises(ValueError, match="num_data"):
+    optimizers.make_optimizer(dataclasses.replace(config, options={}), 10)
+  with pytest.raises(ValueError, match="whole optimizer"):
+    optimizers.variant(config)
 
 
 def test_eval_graphdef_uses_running_statistics():

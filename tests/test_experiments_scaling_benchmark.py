@@ -3,14 +3,18 @@
 import json
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
 from experiments import scaling_benchmark
+from experiments import steps
+import sam_optax
 
 
 def test_sizes_cover_the_families_and_the_range():
@@ -51,11 +55,58 @@ def test_transformer_lm_is_causal():
 def test_every_registered_variant_gets_a_row():
   setup = scaling_benchmark.make_setup(scaling_benchmark.sizes("tiny")[0])
   names = [v.name for v in scaling_benchmark.variants(setup)]
+  # The registry has every variant, the split-loss and the whole-optimizer
+  # ones included (no exceptions).
+  assert {"functional_sam", "bsam"} <= set(optimizers.VARIANTS)
   for name in optimizers.VARIANTS:
     assert any(n == name or n.startswith(name + "/") for n in names), name
   for form in ("vmap", "unrolled", "sequential", "papers_loop"):
     assert f"m_sam/{form}" in names
   assert "m_sam/vmap/chunk=1" in names
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["mlp", "transformer"])
+def test_every_setup_carries_the_split_loss(index):
+  """Every row's loss_fn is a SplitLoss (functional_sam's contract), the
+  same per-example losses as the clean pass's."""
+  setup = scaling_benchmark.make_setup(scaling_benchmark.sizes("tiny")[index])
+  loss_fn = steps.passes_loss_fn(
+    setup.graphdef, setup.params, setup.state, setup.per_example_loss
+  )
+  assert isinstance(loss_fn, sam_optax.SplitLoss)
+  model = nnx.merge(setup.graphdef, setup.params, setup.state)
+  losses, _ = setup.per_example_loss(model, setup.batch)
+  assert losses.shape == (setup.batch["labels"].shape[0],)
+  np.testing.assert_array_equal(loss_fn(setup.params, setup.batch), losses)
+
+
+@pytest.mark.slow  # 4 compiles, bSAM's slowest: ~15 s on 2 shared cores
+def test_functional_sam_and_bsam_rows(tmp_path):
+  """Their rows run and land in the tables and the JSON, with the note
+  that bSAM is the whole optimizer."""
+  summary = scaling_benchmark.main(
+    [
+      "--tiny",
+      "--families",
+      "mlp",
+      "--only",
+      "^functional_sam$|^bsam$",
+      "--repeats",
+      "1",
+      "--output-dir",
+      str(tmp_path),
+      "--no-plots",
+    ]
+  )
+  (result,) = summary["results"]
+  assert set(result["rows"]) == {"sgd", "sam", "functional_sam", "bsam"}
+  assert not result["errors"]
+  for name, row in result["rows"].items():
+    assert row["flops"] > 0 and math.isfinite(row["vs_sam"]), name
+  assert "bsam" in scaling_benchmark.table(result)
+  written = json.loads((tmp_path / "results.json").read_text())
+  assert written["results"][0]["rows"].keys() == result["rows"].keys()
+  assert scaling_benchmark.WHOLE_NOTE in written["notes"]
 
 
 @pytest.mark.slow  # about 5 compiles: seconds on a quiet 2-core machine

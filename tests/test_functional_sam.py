@@ -114,6 +114,14 @@ def gcsam_reference(params, batch, memory):
   return centralized(perturbed(params, batch, g)), memory
 
 
+def gcsam_authors_reference(params, batch, memory):
+  """The authors' code: ``ρ GC(g) / (‖g‖ + δ)``, the descent not centralized."""
+  g = grad_mean(params, batch)
+  scale = RHO / (global_norm(g) + DELTA)
+  eps = jax.tree.map(lambda x: scale * x, centralized(g))
+  return grad_mean(add(params, eps), batch), memory
+
+
 VARIANTS = {
   "functional_sam": (
     lambda: sam_optax.functional_sam(RHO),
@@ -129,6 +137,10 @@ VARIANTS = {
   ),
   # Flax kernels are [in, out]: one mean per output unit, over axis 0.
   "gcsam": (lambda: sam_optax.gcsam(RHO), gcsam_reference),
+  "gcsam_authors": (
+    lambda: sam_optax.gcsam(RHO, norm="gradient", centralize_descent=False),
+    gcsam_authors_reference,
+  ),
 }
 
 
@@ -427,6 +439,7 @@ def test_plain_loss_fn_is_a_clear_error():
     ),
     (lambda: sam_optax.preconditioned_sam(eps=0.0), "eps must be > 0"),
     (lambda: sam_optax.gcsam(axis=1.5), "axis must be"),
+    (lambda: sam_optax.gcsam(norm="raw"), "norm must be one of"),
   ],
 )
 def test_bad_hyperparameters(make, message):

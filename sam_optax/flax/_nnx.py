@@ -349,6 +349,17 @@ def normalization_mask(
   ``sam(rho, perturb_mask=normalization_mask(model))`` with a larger ``ρ``
   than SAM's (the normalization parameters are a small part of ``‖w‖``).
 
+  The ``ρ`` to start from: the paper's per-model and per-dataset values
+  (its tables and appendix) could not be read here (its text is not in the
+  corpora this library was checked against). The authors' repository
+  (mueller-mp/SAM-ON, commit 8b8869ad1e03) gives one recipe, its README's
+  WideResNet-28-10 on CIFAR-100 with AutoAugment: elementwise ASAM-ON with
+  biases scaled, ``--rho=10. --eta`` 0 (its ``train.py`` default ``--rho``
+  is 0.5), i.e. ``asam(10.0, eta=0.0, scale_mask=lambda p: jax.tree.map(
+  lambda _: True, p), perturb_mask=normalization_mask(model))``. That ``ρ``
+  is ASAM's (the perturbation scaled by ``|w|``), not SAM's: tune SAM-ON's
+  own, from well above SAM's usual 0.05.
+
   Raises:
     ValueError: if the model has no normalization layer with parameters.
   """
