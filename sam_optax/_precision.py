@@ -177,12 +177,13 @@ def is_narrow(dtype: Any) -> bool:
 RESOLUTION = 0.5
 """``c`` of :func:`unresolved`: a loss change below ``c ε_c |ℓ_i|`` is noise.
 
-Measured (CPU, jax 0.10.2) on a 5-7-3 MLP computing in bfloat16, 32
-examples, 10 probe draws: the fraction of the batch below ``½ ε_c |ℓ_i|``
-is 0.90, 0.68, 0.46 and 0.18 at ``σ`` = 1e-4, 1e-3, 3e-3 and 1e-2, where the
-16-probe estimates' correlation with the exact norms is 0.09, 0.43, 0.77 and
-0.91 (0.92 in float32); float32 models (an MLP, a CNN, a transformer block)
-at ``σ = 1e-4`` have none.
+Measured by ``experiments/precision_check.py`` (experiments/RESULTS.md, §8;
+a CPU): on a 5-7-3 MLP computing in bfloat16, the fraction of a batch of 32
+below ``½ ε_c |ℓ_i|`` is 0.90, 0.68, 0.18 and 0.07 at ``σ`` = 1e-4, 1e-3,
+1e-2 and 3e-2 (``calibrate_sigma``'s choice), where the 16-probe estimates'
+correlation with the exact norms is 0.09, 0.43, 0.91 and 0.92 (0.92 in
+float32); float32 models (an MLP, a CNN, an attention block) at
+``σ = 1e-4`` have none.
 """
 
 

@@ -174,13 +174,14 @@ UNRESOLVED_LIMIT = 0.25
 """Above this fraction of unresolved estimates RW-SAM uses SAM's weights.
 
 Unresolved: ``σ s_i ≤ ½ ε_c |ℓ_i|`` (``sam_optax._precision.unresolved``).
-Float32 models (an MLP, a CNN, an attention block) at the default ``σ`` had
-at most 1 of 32; a bfloat16-compute MLP had 90% at the default ``σ`` and 18%
-at ``σ = 10⁻²``, where its estimates were as good as float32's (measured on
-a CPU; ``sam_optax._precision.RESOLUTION``). Exact zeros alone missed NNX
-MLPs with ``nnx.Linear(dtype=jnp.bfloat16)`` layers and a float32 loss head:
-compiled, they had no zero estimates, 94–99% unresolved ones, and half
-float32's effective sample size.
+Measured by ``experiments/precision_check.py`` (experiments/RESULTS.md, §8;
+a CPU, batches of 32): float32 models (an MLP, a CNN, an attention block) at
+the default ``σ`` had none; bfloat16-compute MLPs had 90–98% at the default
+``σ``, and 4–7% at the ``σ`` that :func:`calibrate_sigma` picks, where their
+estimates are as good as float32's. Exact zeros alone missed the models with
+a float32 loss head (NNX's ``nnx.Linear(dtype=jnp.bfloat16)``): compiled,
+XLA keeps some bfloat16 arithmetic in float32, and such a model had no zero
+estimates at all.
 """
 
 

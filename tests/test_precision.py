@@ -144,12 +144,12 @@ def test_bf16_layers_with_a_float32_head_warn_and_fall_back_to_sam():
   np.testing.assert_allclose(state.weight_entropy, np.log(32), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sigma", [3e-2, 1e-4])
-def test_an_explicit_sigma_is_respected_without_a_warning(sigma):
+def test_an_explicit_sigma_is_respected_without_a_warning():
+  # The default's value, given explicitly: the user's choice, no warning.
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
-    _, state = _step(_bf16_layers, sigma=sigma)(KEY)
-  assert state.gradient_norm_mean > 0
+    _, state = _step(_bf16_layers, FLAX_INIT, sigma=1e-4)(KEY)
+  assert state.unresolved_fraction > LIMIT  # still checked every step
 
 
 def _cnn_problem():
@@ -203,7 +203,14 @@ def _attention_problem():
   return loss_fn, params, batch
 
 
-@pytest.mark.parametrize("problem", ["mlp", "cnn", "attention"])
+@pytest.mark.parametrize(
+  "problem",
+  [
+    "mlp",
+    pytest.param("cnn", marks=pytest.mark.slow),
+    pytest.param("attention", marks=pytest.mark.slow),
+  ],
+)
 def test_float32_models_are_resolved_and_not_warned(problem):
   loss_fn, params, batch = {
     "mlp": lambda: (mlp_loss, PARAMS, BATCH),
