@@ -12,7 +12,8 @@ nothing at run time and fail at trace time with a message that names the
 problem.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import contextvars
 import math
 import operator
@@ -338,6 +339,17 @@ def in_shape_check() -> bool:
   """Whether ``loss_fn`` is being called by :func:`check_per_example_losses`
   (a ``jax.eval_shape``, shapes only), not by a step's computation."""
   return _SHAPE_CHECK.get()
+
+
+@contextlib.contextmanager
+def shape_check() -> Iterator[None]:
+  """Marks the calls of ``loss_fn`` inside as shapes-only traces (see
+  :func:`in_shape_check`)."""
+  token = _SHAPE_CHECK.set(True)
+  try:
+    yield
+  finally:
+    _SHAPE_CHECK.reset(token)
 
 
 def check_per_example_losses(

@@ -14,6 +14,7 @@ their squares (which the paper's appendix estimates) enter the softmax.
 """
 
 from typing import Any, Literal, NamedTuple
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from sam_optax import _contract
 from sam_optax import _gradient_norms
 from sam_optax import _per_example
 from sam_optax import _perturbation
+from sam_optax import _precision
 from sam_optax import _transform
 
 NormScaling = Literal["mean", "max", "zscore", "none"]
@@ -50,13 +52,14 @@ class ReweightedAscentState(NamedTuple):
       (``log B``: uniform weights, mini-batch SAM).
     effective_sample_size: ``1 / Σ_i p_i²``, in ``[1, B]``: how many examples
       the ascent effectively uses.
-    unresolved_fraction: the fraction of the batch whose ``s_i`` is exactly
-      zero. With finite differences, those examples' loss did not change at
-      ``w + σv``: above a quarter the estimates are rounding noise (a
-      bfloat16-compute model, a ``σ`` too small), and the step used uniform
-      weights, SAM's (see :func:`rw_sam`). Any nonzero value in a model
-      whose examples all have gradients says ``σ`` is too small for its
-      precision.
+    unresolved_fraction: the fraction of the batch whose loss change at
+      ``w + σv`` is within rounding: ``σ s_i ≤ ½ ε_c |ℓ_i|``, with ``ε_c``
+      the epsilon of the precision ``loss_fn`` computes in with the
+      parameters (bfloat16's ``2⁻⁷`` for Flax layers with
+      ``dtype=jnp.bfloat16``, else float32's), exact zeros included. Above a
+      quarter the estimates are rounding noise (a bfloat16-compute model, a
+      ``σ`` too small), and the step used uniform weights, SAM's (see
+      :func:`rw_sam`). In the exact mode: the fraction of zero norms.
   """
 
   clean_loss: jax.Array
@@ -168,11 +171,17 @@ def gibbs_weights(
 
 
 UNRESOLVED_LIMIT = 0.25
-"""Above this fraction of zero estimates RW-SAM falls back to SAM's weights.
+"""Above this fraction of unresolved estimates RW-SAM uses SAM's weights.
 
-A float32-compute model has none unless examples have no gradient at all; a
-bfloat16-compute MLP with the default ``σ`` had 40–78% of 32 (measured on a
-CPU, with and without ``jit``: XLA keeps some of the arithmetic in float32).
+Unresolved: ``σ s_i ≤ ½ ε_c |ℓ_i|`` (``sam_optax._precision.unresolved``).
+Measured by ``experiments/precision_check.py`` (experiments/RESULTS.md, §8;
+a CPU, batches of 32): float32 models (an MLP, a CNN, an attention block) at
+the default ``σ`` had none; bfloat16-compute MLPs had 90–98% at the default
+``σ``, and 4–7% at the ``σ`` that :func:`calibrate_sigma` picks, where their
+estimates are as good as float32's. Exact zeros alone missed the models with
+a float32 loss head (NNX's ``nnx.Linear(dtype=jnp.bfloat16)``): compiled,
+XLA keeps some bfloat16 arithmetic in float32, and such a model had no zero
+estimates at all.
 """
 
 
@@ -195,10 +204,26 @@ def _diagnostics(
   )
 
 
+def low_precision_warning(name: str, dtype: Any) -> str:
+  return (
+    f"{name}: loss_fn computes with the parameters in"
+    f" {jnp.dtype(dtype).name} (e.g. Flax layers with"
+    f" dtype=jnp.{jnp.dtype(dtype).name}, which cast w + sigma*v back to"
+    f" {jnp.dtype(dtype).name}), and the default sigma ="
+    f" {_gradient_norms.DEFAULT_SIGMA:g} is likely below its resolution: the"
+    " finite-difference norm estimates would be rounding noise. Steps"
+    " whose losses the probe leaves unresolved use SAM's uniform weights"
+    " (the state's unresolved_fraction says how many). Pass sigma="
+    " explicitly, chosen by sam_optax.calibrate_sigma(loss_fn, params,"
+    " batch, key) on this model (this also silences the warning), or use"
+    " gradient_norms='exact'."
+  )
+
+
 def reweighted_ascent(
   lam: ArrayLike = 0.5,
   *,
-  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  sigma: ArrayLike | None = None,
   num_probes: int | None = None,
   norm_scaling: NormScaling = "mean",
   score: Score = "norm",
@@ -242,6 +267,8 @@ def reweighted_ascent(
   # None, not 1, by default: optax.inject_hyperparams turns an int argument
   # into an array, and the probe count must stay a Python int.
   num_probes = 1 if num_probes is None else num_probes
+  default_sigma = sigma is None
+  sigma = _gradient_norms.DEFAULT_SIGMA if sigma is None else sigma
   num_probes = _gradient_norms.check_probe_options(
     sigma, num_probes, difference, name
   )
@@ -297,8 +324,24 @@ def reweighted_ascent(
     weights = gibbs_weights(norms, lam, norm_scaling, score)
     unresolved = jnp.mean((norms == 0).astype(jnp.float32))
     if gradient_norms == "finite_difference":
-      # Most probes left the loss unchanged: the estimates are rounding
-      # noise (bfloat16 compute, σ too small). SAM's weights, not noise's.
+      # The precision the probe pass computes in, from its jaxpr (a trace
+      # on shapes, once per trace of the step: free at run time).
+      compute = _precision.compute_dtype(
+        loss_fn,
+        _gradient_norms.probe_parameters(params, probe_in_float32),
+        batch,
+      )
+      if default_sigma and _precision.is_narrow(compute):
+        warnings.warn(
+          low_precision_warning(name, compute), UserWarning, stacklevel=2
+        )
+      # |Δ_i| = σ s_i (the root mean square over the probes) within the
+      # rounding of ℓ_i: too many, and the estimates are rounding noise
+      # (bfloat16 compute, σ too small). SAM's weights, not noise's.
+      changes = jnp.asarray(sigma, jnp.float32) * norms
+      unresolved = jnp.mean(
+        _precision.unresolved(changes, losses, compute).astype(jnp.float32)
+      )
       weights = jnp.where(
         unresolved > UNRESOLVED_LIMIT,
         jnp.full_like(weights, 1.0 / weights.shape[0]),
@@ -315,7 +358,7 @@ def rw_sam(
   rho: ArrayLike = 0.05,
   lam: ArrayLike = 0.5,
   *,
-  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  sigma: ArrayLike | None = None,
   num_probes: int | None = None,
   norm_scaling: NormScaling = "mean",
   score: Score = "norm",
@@ -358,27 +401,30 @@ def rw_sam(
   ``loss_fn(params, batch)`` returns per-example losses (shape ``[B]``). The
   state (:class:`ReweightedAscentState`) holds diagnostics of the last step.
 
-  bfloat16 compute: a model whose layers compute in bfloat16 rounds
+  bfloat16 compute needs ``σ`` from :func:`calibrate_sigma`. A model whose
+  layers compute in bfloat16 (Flax's ``dtype=jnp.bfloat16``) rounds
   ``w + σv`` back to bfloat16 inside, whatever the parameters' dtype (so
-  ``probe_in_float32`` cannot help), and with the default ``σ`` most
-  examples' losses do not change at all: the estimates are rounding noise.
-  When more than a quarter of a batch's estimates are exactly zero, the step
-  uses uniform weights (SAM's) instead, and the state's
-  ``unresolved_fraction`` says so. Such models need ``σ`` from
-  :func:`calibrate_sigma` (with the model as it trains), which picks one
-  the bfloat16 losses resolve.
+  ``probe_in_float32`` cannot help), and with the default ``σ`` the
+  estimates are rounding noise. RW-SAM finds this at trace time, from the
+  jaxpr of ``loss_fn`` (at no run-time cost): with the default ``σ`` it
+  warns, naming ``sigma`` and :func:`calibrate_sigma`; an explicit ``σ`` is
+  used as given, without a warning. Every step it compares the loss changes
+  with the rounding of that precision, ``σ s_i ≤ ½ ε_c |ℓ_i|``: when more
+  than a quarter of the batch is unresolved, the step uses uniform weights
+  (SAM's), and the state's ``unresolved_fraction`` says so. Run
+  :func:`calibrate_sigma` on the model as it trains, and pass its ``σ``.
 
   Args:
     rho: the perturbation radius ``ρ``.
     lam: the temperature ``λ > 0`` of the weights (0.5 in the paper; ``jnp.inf``
       gives SAM).
-    sigma: the probe scale ``σ > 0`` (finite). The default 1e-4 suits float32
-      models
-      from small CNNs to ResNet-18 (see ``DEFAULT_SIGMA`` in
-      ``sam_optax._gradient_norms``); the paper calibrates it before
-      training: :func:`calibrate_sigma`. Models that compute in bfloat16
-      (e.g. Flax layers with ``dtype=jnp.bfloat16``, which cast ``w + σv``
-      back to bfloat16) need it calibrated: see below.
+    sigma: the probe scale ``σ > 0`` (finite). None (the default) is 1e-4,
+      which suits float32 models from small CNNs to ResNet-18 (see
+      ``DEFAULT_SIGMA`` in ``sam_optax._gradient_norms``); the paper
+      calibrates it before training: :func:`calibrate_sigma`. Models that
+      compute in bfloat16 (e.g. Flax layers with ``dtype=jnp.bfloat16``,
+      which cast ``w + σv`` back to bfloat16) need it calibrated: with
+      None, they get a warning at trace time (see above).
     num_probes: probes ``K``; ``s_i = sqrt(mean_k Δ_ik²)/σ``; None is
       ``K = 1``, as in the paper. Each adds a forward pass. It sets the
       number of passes, so inside ``optax.inject_hyperparams`` an explicit
@@ -448,7 +494,7 @@ def rw_asam(
   eta: ArrayLike = 0.01,
   *,
   scale_mask: _asam.Mask = None,
-  sigma: ArrayLike = _gradient_norms.DEFAULT_SIGMA,
+  sigma: ArrayLike | None = None,
   num_probes: int | None = None,
   norm_scaling: NormScaling = "mean",
   score: Score = "norm",
