@@ -187,20 +187,16 @@ def look_sam(
       count=jnp.zeros([], jnp.int32), orthogonal=optax.tree.zeros_like(params)
     )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: LookSamState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, LookSamState]:
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, "look_sam"
-    )
-    _contract.check_state(state, init, params, "look_sam")
     gradient = _transform.clean_gradient_or_compute(
       updates, params, loss_fn, batch
     )
@@ -252,7 +248,9 @@ def look_sam(
       count=optax.safe_increment(state.count), orthogonal=orthogonal
     )
 
-  return optax.GradientTransformationExtraArgs(init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init, _transform.checked_update(update, init, "look_sam")
+  )
 
 
 def _layerwise_orthogonal_part(

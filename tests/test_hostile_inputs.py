@@ -395,6 +395,11 @@ STATEFUL = {
   "f_sam": sam_optax.f_sam,
   "vasso": sam_optax.vasso,
   "rw_sam": sam_optax.rw_sam,
+  "bsam": lambda rho: sam_optax.bsam(0.1, 100, rho),
+  "sampa": lambda rho: sam_optax.sampa(rho, 0.1),
+  "lookbehind_sam": lambda rho: sam_optax.lookbehind_sam(
+    rho, optimizer=optax.sgd(0.1)
+  ),
 }
 
 
@@ -423,7 +428,13 @@ def test_a_wrong_state_is_refused_naming_state(name, state):
 
 @pytest.mark.parametrize(
   "make",
-  [sam_optax.sam, functools.partial(sam_optax.m_sam, micro_batch_size=2)],
+  [
+    sam_optax.sam,
+    functools.partial(sam_optax.m_sam, micro_batch_size=2),
+    functools.partial(sam_optax.esam, gamma=0.5),
+    sam_optax.multi_step_sam,
+  ],
+  ids=["sam", "m_sam", "esam", "multi_step_sam"],
 )
 def test_stateless_transforms_refuse_another_state(make):
   state = sam_optax.look_sam(RHO).init(PARAMS)
