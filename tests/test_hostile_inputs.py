@@ -400,6 +400,9 @@ STATEFUL = {
   "lookbehind_sam": lambda rho: sam_optax.lookbehind_sam(
     rho, optimizer=optax.sgd(0.1)
   ),
+  "wsam_decoupled": lambda rho: sam_optax.wsam(
+    rho, decoupled_base=optax.sgd(0.1, momentum=0.9), learning_rate=0.1
+  ),
 }
 
 
