@@ -10,7 +10,10 @@ perturbed gradients (``gsam``, ``wsam`` through
 :func:`combined_sharpness_aware`; ``look_sam``'s SAM steps) or keep the
 perturbed gradient (``momentum_sam``). Variants that average several SAM steps
 (``m_sam`` and its data-parallel form) are :func:`from_gradient_fn` around
-them.
+them. Every ``update`` of the family, these and the variants with their own
+step (``look_sam``, ``esam``, ``functional_sam``, ``multi_step_sam``,
+``lookbehind_sam``, ``bsam``, ``sampa``), runs the same checks first:
+:func:`checked_update`.
 """
 
 from collections.abc import Callable
@@ -75,8 +78,10 @@ def checked_update(
   ``loss_fn`` and ``batch`` given, ``updates`` shaped like ``params``,
   per-example losses) and :func:`_contract.check_state` (``state`` shaped
   like ``init(params)``), then calls ``update`` with the same arguments,
-  ``params``, ``loss_fn`` and ``batch`` no longer None. The clean gradient
-  is :func:`clean_gradient_or_compute`'s, where ``update`` needs it.
+  ``params``, ``loss_fn`` and ``batch`` no longer None. A body that needs
+  the clean gradient ``∇L_B(w)`` takes it from
+  :func:`clean_gradient_or_compute` (``updates``, or computed when None).
+  The checks run on shapes only (``jax.eval_shape``): nothing at run time.
 
   Args:
     update: ``(updates, state, params, *, loss_fn, batch, key, **extra)``,
@@ -450,8 +455,17 @@ def stateless(
   *,
   uses_updates: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """A transform with ``optax.EmptyState`` around a :func:`checked_update`
-  body."""
+  """A transform that keeps no state, around a :func:`checked_update` body.
+
+  Args:
+    update: the body, as in :func:`checked_update` (its ``state`` is the
+      ``optax.EmptyState`` it hands back).
+    name: the name used in error messages.
+    uses_updates: as in :func:`checked_update`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
+  """
   init = lambda params: optax.EmptyState()
   return optax.GradientTransformationExtraArgs(
     init, checked_update(update, init, name, uses_updates=uses_updates)
