@@ -103,7 +103,9 @@ class Runner:
   bytes_accessed: float = -1.0
 
 
-def _memory(compiled: Any) -> tuple[int, int]:
+def compiled_memory(compiled: Any) -> tuple[int, int]:
+  """``(temporary bytes, total bytes)`` by XLA's memory analysis (-1, -1 if
+  not reported)."""
   stats = compiled.memory_analysis()
   if stats is None:
     return -1, -1
@@ -118,7 +120,7 @@ def _memory(compiled: Any) -> tuple[int, int]:
   return stats.temp_size_in_bytes, total
 
 
-def _cost(compiled: Any) -> tuple[float, float]:
+def compiled_cost(compiled: Any) -> tuple[float, float]:
   """``(flops, bytes accessed)`` by XLA's cost analysis (-1 if not reported)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -131,7 +133,17 @@ def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, int, int]:
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   seconds = time.perf_counter() - start
-  return (compiled, seconds, *_memory(compiled))
+  return (compiled, seconds, *compiled_memory(compiled))
+
+
+def _clean_pass(
+  setup: Setup, params: Any, state: Any, batch: Any
+) -> tuple[Any, Any]:
+  """``(∇L_B(w), the model's new state)``: the train step's clean pass."""
+  _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
+    setup.graphdef, state, setup.per_example_loss, params, batch, has_aux=True
+  )
+  return grads, new_state
 
 
 def transform_runner(
@@ -160,14 +172,7 @@ def transform_runner(
     )
 
     def train_step(params, state, opt_state, batch, key):
-      _, grads, new_state, _ = nnx_glue.loss_grad_and_state(
-        setup.graphdef,
-        state,
-        setup.per_example_loss,
-        params,
-        batch,
-        has_aux=True,
-      )
+      grads, new_state = _clean_pass(setup, params, state, batch)
       updates, opt_state = tx.update(
         grads, opt_state, params, loss_fn=loss_fn, batch=batch, key=key
       )
@@ -200,7 +205,7 @@ def transform_runner(
       seconds,
       temp,
       total,
-      *_cost(costed),
+      *compiled_cost(costed),
     )
 
   return build
@@ -235,14 +240,7 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
       return optax.tree.add(total, gradient)
 
     def finish(params, state, opt_state, batch, total):
-      _, _, new_state, _ = nnx_glue.loss_grad_and_state(
-        setup.graphdef,
-        state,
-        setup.per_example_loss,
-        params,
-        batch,
-        has_aux=True,
-      )
+      _, new_state = _clean_pass(setup, params, state, batch)
       updates, opt_state = base.update(
         optax.tree.scale(1 / count, total), opt_state, params
       )
@@ -267,8 +265,8 @@ def sequential_runner(micro_batch_size: int) -> Callable[[Setup], Runner]:
         finish_c(setup.params, setup.state, opt_state, setup.batch, total)
       )
 
-    step_flops, step_bytes = _cost(step_c)
-    finish_flops, finish_bytes = _cost(finish_c)
+    step_flops, step_bytes = compiled_cost(step_c)
+    finish_flops, finish_bytes = compiled_cost(finish_c)
     return Runner(
       run,
       step_s + finish_s,
@@ -392,13 +390,52 @@ def make_setup(
   )
 
 
-def _ratio(
+def without_round(run: Callable[[], Any]) -> Callable[[int], Any]:
+  """``run`` as a step of :func:`interleaved_times` (the round unused)."""
+  return lambda round_index: run()
+
+
+def interleaved_times(
+  steps: dict[str, Callable[[int], Any]],
+  rounds: int,
+  steps_per_round: int = 1,
+  on_round: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+  """Seconds per step of each ``steps[name]``, one entry a round.
+
+  Round ``r`` calls every ``steps[name](r)`` ``steps_per_round`` times in a
+  row, name after name, starting at name ``r mod n`` (so a drift of the
+  machine's load falls on every variant alike), and waits for the last
+  result (``jax.block_until_ready``) before the clock stops. Ratios are
+  best taken round by round (:func:`median_ratio`). ``on_round(r)`` runs
+  after each round (a progress line).
+  """
+  names = list(steps)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names) if names else 0
+    for name in names[shift:] + names[:shift]:
+      start = time.perf_counter()
+      for _ in range(steps_per_round):
+        out = steps[name](round_index)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / steps_per_round)
+    if on_round is not None:
+      on_round(round_index)
+  return times
+
+
+def median_ratio(
   times: dict[str, list[float]], numerator: str, denominator: str
 ) -> float | None:
+  """The median over rounds of ``times[numerator] / times[denominator]``.
+
+  None if either is missing (a variant that was not run).
+  """
   if numerator not in times or denominator not in times:
     return None
   return statistics.median(
-    a / b for a, b in zip(times[numerator], times[denominator])
+    a / b for a, b in zip(times[numerator], times[denominator], strict=True)
   )
 
 
@@ -406,30 +443,32 @@ def report_ratios(
   times: dict[str, list[float]], setup: Setup, on_gpu: bool
 ) -> list[tuple[str, float, str]]:
   """The ratios asked for, as ``(label, value, target or "")``."""
-  rows = [("sam / sgd", _ratio(times, "sam", "sgd"), "")]
+  rows = [("sam / sgd", median_ratio(times, "sam", "sgd"), "")]
   for implementation in ("vmap", "unrolled"):
     for m in setup.micro_batch_sizes:
       name = f"m_sam/{implementation}/m={m}"
       target = ""
       if implementation == "vmap" and m == 16:
         target = "<= 1.3 (GPU, ResNet-18)" if on_gpu else "<= 2.0 (CPU)"
-      rows.append((f"{name} / sam", _ratio(times, name, "sam"), target))
+      rows.append((f"{name} / sam", median_ratio(times, name, "sam"), target))
   for name in times:
     if "/chunk=" in name:
-      rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
+      rows.append((f"{name} / sam", median_ratio(times, name, "sam"), ""))
       whole = name.split("/chunk=")[0]
-      rows.append((f"{name} / {whole}", _ratio(times, name, whole), ""))
+      rows.append((f"{name} / {whole}", median_ratio(times, name, whole), ""))
   for m in setup.sequential_micro_batch_sizes:
     for form in ("sequential", "loop"):
       sequential = f"m_sam/{form}/m={m}"
-      rows.append((f"{sequential} / sam", _ratio(times, sequential, "sam"), ""))
+      rows.append(
+        (f"{sequential} / sam", median_ratio(times, sequential, "sam"), "")
+      )
       for implementation in ("vmap", "unrolled"):
         name = f"m_sam/{implementation}/m={m}"
         target = ">= 5" if implementation == "vmap" and m == 8 else ""
         rows.append(
           (
             f"{sequential} / {name} (speed-up)",
-            _ratio(times, sequential, name),
+            median_ratio(times, sequential, name),
             target,
           )
         )
@@ -445,11 +484,11 @@ def report_ratios(
     "look_sam/sam_step",
     "look_sam/between",
   ):
-    rows.append((f"{name} / sam", _ratio(times, name, "sam"), ""))
+    rows.append((f"{name} / sam", median_ratio(times, name, "sam"), ""))
   for name in ("momentum_sam", "look_sam/between"):
-    rows.append((f"{name} / sgd", _ratio(times, name, "sgd"), "~1"))
-  sam_step = _ratio(times, "look_sam/sam_step", "sam")
-  between = _ratio(times, "look_sam/between", "sam")
+    rows.append((f"{name} / sgd", median_ratio(times, name, "sgd"), "~1"))
+  sam_step = median_ratio(times, "look_sam/sam_step", "sam")
+  between = median_ratio(times, "look_sam/between", "sam")
   if sam_step is not None and between is not None:
     k = LOOK_SAM_EVERY_K
     rows.append(
@@ -545,16 +584,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       f"  compiled {variant.name} in {runner.compile_seconds:.1f} s", flush=True
     )
 
-  names = list(runners)
-  times = {name: [] for name in names}
-  for round_index in range(repeats):
-    shift = round_index % len(names)
-    for name in names[shift:] + names[:shift]:
-      start = time.perf_counter()
-      for _ in range(steps):
-        runners[name].run()
-      times[name].append((time.perf_counter() - start) / steps)
-    print(f"  round {round_index + 1}/{repeats} done", flush=True)
+  times = interleaved_times(
+    {name: without_round(runner.run) for name, runner in runners.items()},
+    repeats,
+    steps,
+    on_round=lambda r: print(f"  round {r + 1}/{repeats} done", flush=True),
+  )
 
   mib = 2.0**20
   print(
@@ -577,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (
           name,
           f"{1e3 * statistics.median(times[name]):.1f}",
-          f"{_ratio(times, name, 'sam'):.2f}",
+          f"{median_ratio(times, name, 'sam'):.2f}",
           f"{runners[name].flops / 1e9:.3f}",
           f"{runners[name].flops / runners['sam'].flops:.2f}",
           f"{runners[name].bytes_accessed / mib:.1f}",
@@ -585,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{runners[name].temp_bytes / mib:.1f}",
           f"{runners[name].total_bytes / mib:.1f}",
         )
-        for name in names
+        for name in runners
       ]
     )
   )

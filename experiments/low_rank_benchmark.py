@@ -24,6 +24,7 @@ beside them. :func:`measure` is the part another benchmark can import.
 
 import argparse
 from collections.abc import Callable, Sequence
+import functools
 import json
 import statistics
 import sys
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import benchmark
 from experiments import reporting
 import sam_optax
 
@@ -81,15 +83,9 @@ def train_step(
 
 
 def _cost(compiled: Any) -> dict[str, float]:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  memory = compiled.memory_analysis()
-  return {
-    "flops": float((cost or {}).get("flops", -1)),
-    "bytes": float((cost or {}).get("bytes accessed", -1)),
-    "temp": float(memory.temp_size_in_bytes) if memory else -1.0,
-  }
+  flops, nbytes = benchmark.compiled_cost(compiled)
+  temp, _ = benchmark.compiled_memory(compiled)
+  return {"flops": flops, "bytes": nbytes, "temp": float(temp)}
 
 
 def variants(micro_batch_sizes: Sequence[int], with_vmap: bool) -> dict:
@@ -133,23 +129,20 @@ def measure(
     results[name] = {**_cost(step), "compile_s": time.perf_counter() - start}
     compiled[name] = (step, state)
     jax.block_until_ready(step(params, state, batch))  # warm up
-  times: dict[str, list[float]] = {name: [] for name in table}
-  names = list(table)
-  for round_ in range(rounds):
-    shift = round_ % len(names)
-    for name in names[shift:] + names[:shift]:
-      step, state = compiled[name]
-      start = time.perf_counter()
-      for _ in range(steps_per_round):
-        out = step(params, state, batch)
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - start) / steps_per_round)
+  times = benchmark.interleaved_times(
+    {
+      name: benchmark.without_round(
+        functools.partial(step, params, state, batch)
+      )
+      for name, (step, state) in compiled.items()
+    },
+    rounds,
+    steps_per_round,
+  )
   base = results[baseline]
   for name, row in results.items():
     row["step_s"] = statistics.median(times[name])
-    row["step_ratio"] = statistics.median(
-      t / b for t, b in zip(times[name], times[baseline], strict=True)
-    )
+    row["step_ratio"] = benchmark.median_ratio(times, name, baseline)
     row["bytes_ratio"] = row["bytes"] / base["bytes"]
     row["temp_ratio"] = row["temp"] / max(base["temp"], 1.0)
   return results

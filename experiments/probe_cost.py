@@ -31,6 +31,7 @@ cost analysis gives each step's FLOPs and bytes accessed.
 
 import argparse
 from collections.abc import Callable
+import functools
 import statistics
 import time
 from typing import Any
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import benchmark
 from experiments import reporting
 import sam_optax
 
@@ -174,13 +176,12 @@ def variants(plain: bool) -> dict[str, tuple[Callable[[Any], Any], Step]]:
 
 
 def cost(compiled: Any) -> dict[str, float]:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  analysis = analysis or {}
+  """GFLOPs and GB accessed by XLA's cost analysis (NaN if not reported)."""
   return {
-    "gflops": analysis.get("flops", float("nan")) / 1e9,
-    "gbytes": analysis.get("bytes accessed", float("nan")) / 1e9,
+    name: value / 1e9 if value >= 0 else float("nan")
+    for name, value in zip(
+      ("gflops", "gbytes"), benchmark.compiled_cost(compiled), strict=True
+    )
   }
 
 
@@ -213,18 +214,20 @@ def measure(
     }
   times: dict[str, list[float]] = {name: [] for name in compiled}
   if not compile_only:
-    names = list(compiled)
-    for name in names:  # warm up
+    for name in compiled:  # warm up
       jax.block_until_ready(compiled[name](params, states[name], batch, key))
-    for r in range(rounds):
-      order = names[r % len(names) :] + names[: r % len(names)]
-      for name in order:
-        round_key = jax.random.fold_in(key, r)
-        start = time.perf_counter()
-        jax.block_until_ready(
-          compiled[name](params, states[name], batch, round_key)
+    round_keys = [jax.random.fold_in(key, r) for r in range(rounds)]
+    times = benchmark.interleaved_times(
+      {
+        name: functools.partial(
+          lambda step, state, r: step(params, state, batch, round_keys[r]),
+          step,
+          states[name],
         )
-        times[name].append(time.perf_counter() - start)
+        for name, step in compiled.items()
+      },
+      rounds,
+    )
   reference = "sam"
   print(
     f"{'variant':<18} {'step ms':>9} {'/sam':>6} {'compile s':>10}"
@@ -233,9 +236,7 @@ def measure(
   for name, row in rows.items():
     if times[name]:
       step_ms = 1e3 * statistics.median(times[name])
-      ratio = statistics.median(
-        a / b for a, b in zip(times[name], times[reference], strict=True)
-      )
+      ratio = benchmark.median_ratio(times, name, reference)
     else:
       step_ms = ratio = float("nan")
     compile_ratio = row["compile_s"] / rows[reference]["compile_s"]

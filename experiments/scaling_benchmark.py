@@ -318,12 +318,6 @@ def auto_plan(setup: benchmark.Setup) -> dict[str, Any]:
   }
 
 
-def _ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
-  if a not in times or b not in times:
-    return None
-  return statistics.median(x / y for x, y in zip(times[a], times[b]))
-
-
 def measure(
   size: Size,
   only: str | None,
@@ -366,24 +360,25 @@ def measure(
   start = time.perf_counter()
   runners["sam"].run()
   steps = max(1, min(20, round(round_seconds / (time.perf_counter() - start))))
-  names = list(runners)
-  times = {name: [] for name in names}
-  for round_index in range(repeats):
-    shift = round_index % len(names)
-    for name in names[shift:] + names[:shift]:
-      start = time.perf_counter()
-      for _ in range(steps):
-        runners[name].run()
-      times[name].append((time.perf_counter() - start) / steps)
+  times = benchmark.interleaved_times(
+    {
+      name: benchmark.without_round(runner.run)
+      for name, runner in runners.items()
+    },
+    repeats,
+    steps,
+  )
   rows = {}
-  for name in names:
+  for name in runners:
     runner = runners[name]
     rows[name] = {
       "step_seconds": statistics.median(times[name]),
-      "vs_sgd": _ratio(times, name, "sgd"),
-      "vs_sam": _ratio(times, name, "sam"),
+      "vs_sgd": benchmark.median_ratio(times, name, "sgd"),
+      "vs_sam": benchmark.median_ratio(times, name, "sam"),
       "vs_papers_loop": (
-        _ratio(times, name, PAPERS_LOOP) if name.startswith("m_sam") else None
+        benchmark.median_ratio(times, name, PAPERS_LOOP)
+        if name.startswith("m_sam")
+        else None
       ),
       "compile_seconds": runner.compile_seconds,
       "flops": runner.flops,

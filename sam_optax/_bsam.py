@@ -10,6 +10,7 @@ import optax
 from sam_optax import _contract
 from sam_optax import _micro_batches
 from sam_optax import _perturbation
+from sam_optax import _transform
 
 
 class BsamState(NamedTuple):
@@ -155,21 +156,18 @@ def bsam(
       ),
     )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: BsamState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     noise: Any = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, BsamState]:
     del extra_args
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     size = _contract.batch_size(batch, name)
     micro = size if micro_batch_size is None else micro_batch_size
@@ -232,4 +230,6 @@ def bsam(
     )
     return optax.tree.cast_like(step, params), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, _transform.checked_update(update, init_fn, name)
+  )

@@ -11,6 +11,7 @@ import optax
 
 from sam_optax import _contract
 from sam_optax import _perturbation
+from sam_optax import _transform
 
 
 def _bernoulli_mask(key: jax.Array, beta: jax.Array, tree: Any) -> Any:
@@ -105,20 +106,17 @@ def esam(
   always = not isinstance(beta, jax.core.Tracer) and bool(np.asarray(beta) == 1)
   beta_f32 = jnp.asarray(beta, jnp.float32)
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: optax.OptState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     select = gamma < 1.0
     before = None
@@ -159,6 +157,4 @@ def esam(
     adversarial = _contract.mean_gradient(loss_fn, perturbed, batch)
     return optax.tree.cast_like(adversarial, params), state
 
-  return optax.GradientTransformationExtraArgs(
-    lambda params: optax.EmptyState(), update_fn
-  )
+  return _transform.stateless(update, name)

@@ -244,19 +244,16 @@ def functional_sam(
     else _sam.clean_gradient_ascent()
   )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: optax.OptState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
     split = _contract.require_split_loss(loss_fn, name)
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     cotangent, clean = _clean_pass(split, params, batch, updates is None)
@@ -279,4 +276,6 @@ def functional_sam(
     (gradient,) = model_vjp(cotangent)
     return optax.tree.cast_like(gradient, params), state
 
-  return optax.GradientTransformationExtraArgs(ascent.init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    ascent.init, _transform.checked_update(update, ascent.init, name)
+  )

@@ -133,13 +133,15 @@ def look_sam(
   kinds of step use it). If ``‖g_v‖ = 0`` (``g_adv`` parallel to ``g``), the
   steps in between hand on ``g``; so they do when ``g_v`` is zero up to
   rounding, relative to ``‖g‖`` and ``‖g_adv‖`` (``ρ = 0``, an all-False
-  ``perturb_mask``, a batch of one: see :func:`resolved_orthogonal_part`). ``g_v`` is stored in the parameters'
-  dtypes.
+  ``perturb_mask``, a batch of one: see :func:`resolved_orthogonal_part`).
+  ``g_v`` is stored in the parameters' dtypes.
 
   ``layerwise=True`` projects and normalizes leaf by leaf (each leaf ``l``
   of the parameters a layer), as the public PyTorch implementations do:
   ``g_v^l = g_adv^l − (g_adv^l·ĝ^l) ĝ^l`` on the SAM steps and
-  ``g^l + α ‖g^l‖ g_v^l / (‖g_v^l‖ + δ)`` on the others. The paper's
+  ``g^l + α ‖g^l‖ g_v^l / (‖g_v^l‖ + δ)`` on the others, with the rounding
+  guard per layer (a layer whose ``g_v^l`` is rounding noise hands on
+  ``g^l``). The paper's
   layer-wise variant for large batches, Look-LayerSAM, is layer-wise in
   the same sense and also rescales the perturbation layer by layer, as LAMB
   rescales its steps; that rescaling is not reproduced here (the SAM steps'
@@ -185,20 +187,16 @@ def look_sam(
       count=jnp.zeros([], jnp.int32), orthogonal=optax.tree.zeros_like(params)
     )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: LookSamState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, LookSamState]:
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, "look_sam"
-    )
-    _contract.check_state(state, init, params, "look_sam")
     gradient = _transform.clean_gradient_or_compute(
       updates, params, loss_fn, batch
     )
@@ -250,9 +248,19 @@ def look_sam(
       count=optax.safe_increment(state.count), orthogonal=orthogonal
     )
 
-  return optax.GradientTransformationExtraArgs(init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init, _transform.checked_update(update, init, "look_sam")
+  )
 
 
-def _layerwise_orthogonal_part(tree: optax.Updates, onto: optax.Updates):
-  """:func:`_perturbation.orthogonal_part` leaf by leaf (Look-LayerSAM)."""
-  return jax.tree.map(_perturbation.orthogonal_part, tree, onto)
+def _layerwise_orthogonal_part(
+  adversarial: optax.Updates, gradient: optax.Updates
+) -> optax.Updates:
+  r""":func:`resolved_orthogonal_part` leaf by leaf (Look-LayerSAM).
+
+  Each leaf ``l`` is a layer: ``g_v^l = g_adv^l − (g_adv^l·ĝ^l) ĝ^l``, taken
+  as zero when ``‖g_v^l‖ ≤ c u √n_l max(‖g^l‖, ‖g_adv^l‖)`` (the global
+  guard, with the layer's norms and its ``n_l`` entries), so a layer whose
+  ``g_v^l`` is rounding noise hands on ``g^l`` on the steps in between.
+  """
+  return jax.tree.map(resolved_orthogonal_part, adversarial, gradient)

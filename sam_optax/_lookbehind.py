@@ -63,20 +63,17 @@ def multi_step_sam(
   _contract.check_rho(rho, name)
   num_steps = _contract.check_integer(num_steps, "num_steps", name)
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: optax.OptState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
     del key, extra_args
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     gradient = _transform.clean_gradient_or_compute(
       updates, params, loss_fn, batch
@@ -91,9 +88,7 @@ def multi_step_sam(
       )
     return optax.tree.cast_like(gradient, params), state
 
-  return optax.GradientTransformationExtraArgs(
-    lambda params: optax.EmptyState(), update_fn
-  )
+  return _transform.stateless(update, name)
 
 
 class LookbehindSamState(NamedTuple):
@@ -204,20 +199,17 @@ def lookbehind_sam(
       base_state=optimizer.init(params),
     )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: LookbehindSamState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, LookbehindSamState]:
     del updates, key, extra_args  # the ascent gradient is at a_{j-1}
-    params, loss_fn, batch = _contract.check_update_call(
-      None, params, loss_fn, batch, name
-    )
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     ascent = _perturbation.perturbed_gradient(
       loss_fn, state.slow, state.offset, batch
@@ -262,4 +254,6 @@ def lookbehind_sam(
     )
     return optax.tree.cast_like(result, params), new_state
 
-  return optax.GradientTransformationExtraArgs(init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init, _transform.checked_update(update, init, name, uses_updates=False)
+  )

@@ -513,14 +513,8 @@ def mean_gradient(
   micro_batches = _micro_batches.split_micro_batches(
     batch, micro_batch_size, name
   )
-  per_chunk = micro_batches_per_chunk or count
-  _contract.check_divides(
-    per_chunk,
-    count,
-    "micro_batches_per_chunk",
-    "the number of micro-batches",
-    name,
-    why="batch size / micro_batch_size",
+  per_chunk = _micro_batches.micro_batches_per_chunk_or_all(
+    micro_batches_per_chunk, count, name
   )
   mask = _perturbation.resolve_mask(perturb_mask, params, name)
   leaves, treedef = jax.tree.flatten(params)

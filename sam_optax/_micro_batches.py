@@ -383,6 +383,23 @@ def resolve_implementation(
   return choose(workload(params, micro_batches, loss_fn))
 
 
+def micro_batches_per_chunk_or_all(
+  micro_batches_per_chunk: int | None, count: int, name: str
+) -> int:
+  """``c``, the micro-batches per chunk (all ``k`` if None), with a clear
+  error if ``c`` does not divide ``k``."""
+  per_chunk = micro_batches_per_chunk or count
+  _contract.check_divides(
+    per_chunk,
+    count,
+    "micro_batches_per_chunk",
+    "the number of micro-batches",
+    name,
+    why="batch size / micro_batch_size",
+  )
+  return per_chunk
+
+
 def num_micro_batches(batch: Any, micro_batch_size: int, name: str) -> int:
   """``k = B / m``, with a clear error if ``m`` does not divide ``B``."""
   return _contract.check_divides(
@@ -505,14 +522,8 @@ def mean_over_micro_batches(
       plan = Plan(plan.implementation, micro_batches_per_chunk)
     implementation = plan.implementation  # type: ignore[assignment]
     micro_batches_per_chunk = plan.micro_batches_per_chunk
-  per_chunk = micro_batches_per_chunk or count
-  _contract.check_divides(
-    per_chunk,
-    count,
-    "micro_batches_per_chunk",
-    "the number of micro-batches",
-    name,
-    why="batch size / micro_batch_size",
+  per_chunk = micro_batches_per_chunk_or_all(
+    micro_batches_per_chunk, count, name
   )
   chunk_mean = functools.partial(
     _mean_of_chunk, step, implementation=implementation, name=name

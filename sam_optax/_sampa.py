@@ -10,6 +10,7 @@ import optax
 
 from sam_optax import _contract
 from sam_optax import _perturbation
+from sam_optax import _transform
 
 
 class SampaState(NamedTuple):
@@ -193,21 +194,18 @@ def sampa(
       auxiliary_state=auxiliary_step.init(params),
     )
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: SampaState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     next_batch: Any = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, SampaState]:
     del updates, key, extra_args  # both gradients are taken here
-    params, loss_fn, batch = _contract.check_update_call(
-      None, params, loss_fn, batch, name
-    )
     if next_batch is not None:
       _contract.check_per_example_losses(loss_fn, params, next_batch, name)
       shapes = lambda tree: jax.tree.map(jnp.shape, tree)
@@ -250,4 +248,6 @@ def sampa(
       ),
     )
 
-  return optax.GradientTransformationExtraArgs(init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init, _transform.checked_update(update, init, name, uses_updates=False)
+  )

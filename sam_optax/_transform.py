@@ -10,11 +10,14 @@ perturbed gradients (``gsam``, ``wsam`` through
 :func:`combined_sharpness_aware`; ``look_sam``'s SAM steps) or keep the
 perturbed gradient (``momentum_sam``). Variants that average several SAM steps
 (``m_sam`` and its data-parallel form) are :func:`from_gradient_fn` around
-them.
+them. Every ``update`` of the family, these and the variants with their own
+step (``look_sam``, ``esam``, ``functional_sam``, ``multi_step_sam``,
+``lookbehind_sam``, ``bsam``, ``sampa``), runs the same checks first:
+:func:`checked_update`.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +58,68 @@ class AscentDirection(NamedTuple):
 
   init: Callable[[optax.Params], optax.OptState]
   direction: DirectionFn
+
+
+_Result = TypeVar("_Result")
+
+
+def checked_update(
+  update: Callable[..., _Result],
+  init: Callable[[optax.Params], Any],
+  name: str,
+  *,
+  uses_updates: bool = True,
+) -> Callable[..., _Result]:
+  """``update`` behind the checks every ``update`` of the family runs first.
+
+  The returned function has the family's signature ``(updates, state,
+  params=None, *, loss_fn=None, batch=None, key=None, **extra_args)``; at
+  trace time it runs :func:`_contract.check_update_call` (``params``,
+  ``loss_fn`` and ``batch`` given, ``updates`` shaped like ``params``,
+  per-example losses) and :func:`_contract.check_state` (``state`` shaped
+  like ``init(params)``), then calls ``update`` with the same arguments,
+  ``params``, ``loss_fn`` and ``batch`` no longer None. A body that needs
+  the clean gradient ``∇L_B(w)`` takes it from
+  :func:`clean_gradient_or_compute` (``updates``, or computed when None).
+  The checks run on shapes only (``jax.eval_shape``): nothing at run time.
+
+  Args:
+    update: ``(updates, state, params, *, loss_fn, batch, key, **extra)``,
+      the body of the update (its result is returned as it is).
+    init: the transform's ``init``, for the state check.
+    name: the name used in error messages.
+    uses_updates: False for the transforms that take every gradient
+      themselves and ignore ``updates`` (it is then not checked).
+
+  Returns:
+    The ``update`` of an ``optax.GradientTransformationExtraArgs``.
+  """
+
+  def update_fn(
+    updates: optax.Updates | None,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: _contract.LossFn | None = None,
+    batch: Any = None,
+    key: jax.Array | None = None,
+    **extra_args: Any,
+  ) -> _Result:
+    params, loss_fn, batch = _contract.check_update_call(
+      updates if uses_updates else None, params, loss_fn, batch, name
+    )
+    _contract.check_state(state, init, params, name)
+    return update(
+      updates,
+      state,
+      params,
+      loss_fn=loss_fn,
+      batch=batch,
+      key=key,
+      **extra_args,
+    )
+
+  return update_fn
 
 
 def clean_gradient_or_compute(
@@ -180,17 +245,13 @@ def sharpness_aware_step(
   def step(
     updates: optax.Updates | None,
     state: optax.OptState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.Updates, optax.OptState]:
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
-    _contract.check_state(state, ascent.init, params, name)
     mask = _perturbation.resolve_mask(perturb_mask, params, name)
     direction, state = _checked_direction(
       ascent.direction(
@@ -219,7 +280,7 @@ def sharpness_aware_step(
       state,
     )
 
-  return step
+  return checked_update(step, ascent.init, name)
 
 
 def sharpness_aware(
@@ -371,24 +432,41 @@ def from_gradient_fn(
     An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
   """
 
-  def update_fn(
+  def update(
     updates: optax.Updates | None,
     state: optax.OptState,
-    params: optax.Params | None = None,
+    params: optax.Params,
     *,
-    loss_fn: _contract.LossFn | None = None,
-    batch: Any = None,
-    key: jax.Array | None = None,
+    loss_fn: _contract.LossFn,
+    batch: Any,
+    key: jax.Array | None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, optax.OptState]:
-    del key, extra_args  # gradient_fn takes its own gradients
-    params, loss_fn, batch = _contract.check_update_call(
-      updates, params, loss_fn, batch, name
-    )
-    _contract.check_state(state, lambda _: optax.EmptyState(), params, name)
+    del updates, key, extra_args  # gradient_fn takes its own gradients
     gradient = gradient_fn(loss_fn, params, batch)
     return optax.tree.cast_like(gradient, params), state
 
+  return stateless(update, name)
+
+
+def stateless(
+  update: Callable[..., tuple[optax.Updates, optax.OptState]],
+  name: str,
+  *,
+  uses_updates: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """A transform that keeps no state, around a :func:`checked_update` body.
+
+  Args:
+    update: the body, as in :func:`checked_update` (its ``state`` is the
+      ``optax.EmptyState`` it hands back).
+    name: the name used in error messages.
+    uses_updates: as in :func:`checked_update`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
+  """
+  init = lambda params: optax.EmptyState()
   return optax.GradientTransformationExtraArgs(
-    lambda params: optax.EmptyState(), update_fn
+    init, checked_update(update, init, name, uses_updates=uses_updates)
   )

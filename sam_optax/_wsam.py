@@ -182,4 +182,6 @@ def wsam(
       count=optax.safe_increment(state.count), base_state=base_state
     )
 
-  return optax.GradientTransformationExtraArgs(init, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init, _transform.checked_update(update_fn, init, "wsam")
+  )

@@ -1,8 +1,12 @@
-"""Small problems shared by the tests: a two-layer MLP and a quadratic; and
-the compiled FLOPs of a function."""
+"""Small problems shared by the tests: a two-layer MLP and a quadratic; the
+compiled FLOPs of a function; and a child process with several CPU devices."""
 
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.flatten_util
@@ -125,3 +129,63 @@ def guide_snippet(page, marker):
   return re.match(
     r"\s*```python\n(.*?)^```", after, re.DOTALL | re.MULTILINE
   ).group(1)
+
+
+# --- A child process with several CPU devices ---------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = "RESULTS "
+"""The prefix of the line in which a child prints its results."""
+
+
+def child_environment(devices):
+  """``os.environ`` for a child process that sees ``devices`` CPU devices.
+
+  The device count is fixed when jax is imported, so a test that needs
+  several devices runs them in a child. The parent's ``XLA_FLAGS`` are kept
+  (e.g. the suite's optimization level) with
+  ``--xla_force_host_platform_device_count`` appended (the last one counts);
+  ``JAX_PLATFORMS=cpu``; the repository root and ``tests/`` come first on
+  ``PYTHONPATH``, so the child imports this checkout and ``_problems``.
+  Nothing is shared between children but the environment (no fixed ports),
+  so tests under pytest-xdist may run theirs at once.
+  """
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count={devices}"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+  )
+  return env
+
+
+def print_results(results):
+  """In a child: prints ``results`` (JSON) for :func:`run_child`."""
+  print(RESULTS + json.dumps(results), flush=True)
+
+
+def run_child(args, devices, timeout=300):
+  """Runs ``python *args`` with ``devices`` CPU devices; returns its results.
+
+  The child runs from the repository root in :func:`child_environment` and
+  reports with :func:`print_results`; it must exit 0. Returns the JSON of
+  its ``RESULTS`` line.
+  """
+  done = subprocess.run(
+    [sys.executable, *map(str, args)],
+    env=child_environment(devices),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-5000:]
+  lines = [r for r in done.stdout.splitlines() if r.startswith(RESULTS)]
+  assert lines, (
+    f"no {RESULTS!r} line in the child's output:" + (done.stdout[-3000:])
+  )
+  return json.loads(lines[-1][len(RESULTS) :])

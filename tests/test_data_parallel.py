@@ -9,12 +9,8 @@ mesh are tested in-process.
 """
 
 import functools
-import json
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.flatten_util
@@ -26,14 +22,16 @@ import pytest
 
 import sam_optax
 
+from _problems import child_environment
 from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
+from _problems import print_results
+from _problems import run_child
 
 RHO = 0.1
 BATCH = 16  # 2 examples per device on 8 devices
 DEVICES = 8
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _problem(seed=0):
@@ -340,37 +338,30 @@ def _run_checks():
       "expected": _flat(expected),
       **extra,
     }
-  print("RESULTS " + json.dumps(results))
+  print_results(results)
 
 
 # --- The tests ----------------------------------------------------------------
 
 
+def test_child_environment_keeps_the_parents_xla_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+  monkeypatch.setenv("PYTHONPATH", "elsewhere")
+  env = child_environment(3)
+  assert env["XLA_FLAGS"].split() == [
+    "--xla_backend_optimization_level=0",
+    "--xla_force_host_platform_device_count=3",
+  ]
+  assert env["JAX_PLATFORMS"] == "cpu"
+  assert env["PYTHONPATH"].split(os.pathsep)[-1] == "elsewhere"
+  monkeypatch.delenv("XLA_FLAGS")
+  flags = child_environment(2)["XLA_FLAGS"]
+  assert flags == "--xla_force_host_platform_device_count=2"
+
+
 @pytest.fixture(scope="module")
 def eight_device_results():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "")
-    + f" --xla_force_host_platform_device_count={DEVICES}"
-  )
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-    [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")]
-  )
-  done = subprocess.run(
-    [sys.executable, __file__],
-    env=env,
-    cwd=_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert done.returncode == 0, done.stderr[-5000:]
-  line = next(
-    row for row in done.stdout.splitlines() if row.startswith("RESULTS ")
-  )
-  return json.loads(line[len("RESULTS ") :])
+  return run_child([__file__], DEVICES)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))

@@ -9,12 +9,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import benchmark
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
 from experiments import scaling_benchmark
 from experiments import steps
 import sam_optax
+
+
+def test_interleaved_times_rotate_the_order_and_time_every_step():
+  """The timing loop the benchmarks share: each round starts one name
+  later, every step runs ``steps_per_round`` times, a time per round."""
+  calls = []
+  steps = {
+    name: (lambda r, name=name: calls.append((r, name)) or jnp.zeros(()))
+    for name in ("a", "b", "c")
+  }
+  rounds = []
+  times = benchmark.interleaved_times(steps, 4, 2, on_round=rounds.append)
+  order = [[n for r, n in calls[6 * i : 6 * i + 6 : 2]] for i in range(4)]
+  assert order == [list("abc"), list("bca"), list("cab"), list("abc")]
+  assert [r for r, _ in calls] == [i for i in range(4) for _ in range(6)]
+  assert rounds == [0, 1, 2, 3]
+  assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+  assert all(t > 0 for ts in times.values() for t in ts)
+
+
+def test_median_ratio_is_taken_round_by_round():
+  times = {"x": [2.0, 9.0, 3.0], "y": [1.0, 3.0, 2.0]}
+  assert benchmark.median_ratio(times, "x", "y") == 2.0  # of 2, 3, 1.5
+  assert benchmark.median_ratio(times, "x", "absent") is None
 
 
 def test_sizes_cover_the_families_and_the_range():

@@ -430,6 +430,26 @@ def test_plain_loss_fn_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
+  "precondition, state",
+  [
+    (True, optax.EmptyState()),
+    (True, "other shapes"),
+    (False, "preconditioned"),
+  ],
+  ids=["EmptyState", "other_shapes", "another_transform"],
+)
+def test_a_wrong_state_is_refused_naming_state(precondition, state):
+  params, batch = _params(), _batches(1)[0]
+  tx = sam_optax.functional_sam(RHO, precondition=precondition)
+  if state == "other shapes":
+    state = tx.init(mlp_params(jax.random.key(0), hidden=4))
+  elif state == "preconditioned":
+    state = sam_optax.functional_sam(RHO, precondition=True).init(params)
+  with pytest.raises(ValueError, match="`state` is not this transform's"):
+    tx.update(None, state, params, loss_fn=LOSS, batch=batch)
+
+
+@pytest.mark.parametrize(
   "make, message",
   [
     (lambda: sam_optax.functional_sam(-1.0), "rho must be >= 0"),

@@ -51,10 +51,11 @@ LINE_PARAMS = {"w": jnp.array([0.4, -0.8, 1.2])}
 LINE_BATCH = {"x": jnp.eye(3), "y": jnp.array([1.0, -1.0, 0.5])}
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("jit", [False, True])
-def test_look_sam_hands_on_g_when_g_v_is_rounding_noise(jit):
+def test_look_sam_hands_on_g_when_g_v_is_rounding_noise(jit, layerwise):
   # An isotropic Hessian: g_adv ∥ g, so the computed g_v is ~3e-8 noise.
-  tx = sam_optax.look_sam(0.05, 2, 0.7)
+  tx = sam_optax.look_sam(0.05, 2, 0.7, layerwise=layerwise)
   g = _grad(_line_loss, LINE_PARAMS, LINE_BATCH)
 
   def update(state):
@@ -67,6 +68,37 @@ def test_look_sam_hands_on_g_when_g_v_is_rounding_noise(jit):
   reused, _ = update(state)
   np.testing.assert_allclose(reused["w"], g["w"], rtol=1e-6)
   assert not np.any(state.orthogonal["w"])
+
+
+def _two_layer_loss(p, b):
+  # "w": an isotropic Hessian (its g_v is rounding noise); "v": not.
+  scale = jnp.array([1.0, 2.0, 3.0])
+  return _line_loss(p, b) + (b["x"] @ (scale * p["v"]) - b["y"]) ** 2
+
+
+def test_look_sam_layerwise_guards_each_layer():
+  """A layer whose g_v is rounding noise hands on g; the others keep theirs."""
+  params = {**LINE_PARAMS, "v": jnp.array([0.3, 0.2, -0.5])}
+  batch = LINE_BATCH
+  alpha = 0.7
+  tx = sam_optax.look_sam(0.05, 2, alpha, layerwise=True)
+  g = _grad(_two_layer_loss, params, batch)
+  step = jax.jit(
+    lambda state: tx.update(
+      g, state, params, loss_fn=_two_layer_loss, batch=batch
+    )
+  )
+  _, state = step(tx.init(params))
+  reused, _ = step(state)
+  assert not np.any(state.orthogonal["w"])
+  np.testing.assert_allclose(reused["w"], g["w"], rtol=1e-6)
+  g_v = state.orthogonal["v"]
+  assert np.linalg.norm(g_v) > 1e-3 * np.linalg.norm(g["v"])
+  np.testing.assert_allclose(
+    reused["v"],
+    g["v"] + alpha * np.linalg.norm(g["v"]) * g_v / np.linalg.norm(g_v),
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize(
@@ -365,6 +397,14 @@ STATEFUL = {
   "f_sam": sam_optax.f_sam,
   "vasso": sam_optax.vasso,
   "rw_sam": sam_optax.rw_sam,
+  "bsam": lambda rho: sam_optax.bsam(0.1, 100, rho),
+  "sampa": lambda rho: sam_optax.sampa(rho, 0.1),
+  "lookbehind_sam": lambda rho: sam_optax.lookbehind_sam(
+    rho, optimizer=optax.sgd(0.1)
+  ),
+  "wsam_decoupled": lambda rho: sam_optax.wsam(
+    rho, decoupled_base=optax.sgd(0.1, momentum=0.9), learning_rate=0.1
+  ),
 }
 
 
@@ -393,7 +433,13 @@ def test_a_wrong_state_is_refused_naming_state(name, state):
 
 @pytest.mark.parametrize(
   "make",
-  [sam_optax.sam, functools.partial(sam_optax.m_sam, micro_batch_size=2)],
+  [
+    sam_optax.sam,
+    functools.partial(sam_optax.m_sam, micro_batch_size=2),
+    functools.partial(sam_optax.esam, gamma=0.5),
+    sam_optax.multi_step_sam,
+  ],
+  ids=["sam", "m_sam", "esam", "multi_step_sam"],
 )
 def test_stateless_transforms_refuse_another_state(make):
   state = sam_optax.look_sam(RHO).init(PARAMS)

@@ -11,12 +11,6 @@ check runs in a child process on 4 simulated devices (see
 test_data_parallel for why).
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 from flax import nnx
 import jax
 import jax.flatten_util
@@ -32,9 +26,10 @@ import sam_optax.flax
 from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
+from _problems import print_results
+from _problems import run_child
 
 RHO = 0.1
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _step(implementation, micro_batch_size, loss_fn, jit=True, **kwargs):
@@ -394,32 +389,12 @@ def _sharded_check():
       actual = _step("low_rank", m, mlp_loss)(params, sharded)
     expected = _step("vmap", m, mlp_loss)(params, batch)
     results[m] = _max_error(actual, expected)
-  print("RESULTS " + json.dumps(results))
+  print_results(results)
 
 
 @pytest.mark.slow
 def test_sharded_batch():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "")
-    + f" --xla_force_host_platform_device_count={DEVICES}"
-  )
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-    [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")]
-  )
-  done = subprocess.run(
-    [sys.executable, __file__],
-    env=env,
-    cwd=_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
-  assert done.returncode == 0, done.stderr[-5000:]
-  line = next(r for r in done.stdout.splitlines() if r.startswith("RESULTS "))
-  errors = json.loads(line[len("RESULTS ") :])
+  errors = run_child([__file__], DEVICES)
   assert all(error < 2e-6 for error in errors.values()), errors
 
 

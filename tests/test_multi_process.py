@@ -9,7 +9,6 @@ m_sam needs no devices, it splits the global batch into contiguous
 micro-batches, which is what the 4 devices hold.
 """
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -25,11 +24,12 @@ import pytest
 import sam_optax
 
 import _multi_process_worker as worker
+from _problems import child_environment
 from _problems import mlp_loss
+from _problems import ROOT
 
 RHO = 0.05  # the snippet's data_parallel_m_sam(0.05, ...)
 TIMEOUT = 120  # seconds for the workers, all together
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _DEVICES = worker.PROCESSES * worker.LOCAL_DEVICES
 
 
@@ -50,15 +50,7 @@ def _run_workers(out_dir: pathlib.Path) -> list[int | None]:
   stops at the first failure or at ``TIMEOUT``, and every worker still
   running then is killed. None is the code of a worker that was killed.
   """
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-    env.get("XLA_FLAGS", "") + " --xla_force_host_platform"
-    f"_device_count={worker.LOCAL_DEVICES}"
-  )
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-    [str(_ROOT), str(_ROOT / "tests"), env.get("PYTHONPATH", "")]
-  )
+  env = child_environment(worker.LOCAL_DEVICES)
   port = _free_port()
   processes, codes = [], []
   try:
@@ -69,7 +61,7 @@ def _run_workers(out_dir: pathlib.Path) -> list[int | None]:
           subprocess.Popen(
             [sys.executable, worker.__file__, str(i), str(port), str(out_dir)],
             env=env,
-            cwd=_ROOT,
+            cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
           )

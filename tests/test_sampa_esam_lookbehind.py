@@ -14,11 +14,6 @@ FLOPs. The two-device form of SAMPa runs in a child process
 """
 
 import functools
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
@@ -36,6 +31,7 @@ from _problems import mean_loss
 from _problems import mlp_batch
 from _problems import mlp_loss
 from _problems import mlp_params
+from _problems import run_child
 
 DELTA = 1e-12
 RHO = 0.1
@@ -855,12 +851,12 @@ def test_sampa_passes():
 # --- Two devices --------------------------------------------------------------
 
 _CHILD = r"""
-import functools, json, sys
-sys.path.insert(0, sys.argv[1])
+import functools
 import jax, jax.numpy as jnp, optax
 from jax.sharding import PartitionSpec as P
 import sam_optax
 from _problems import mlp_params, mlp_batch, mlp_loss, mean_loss
+from _problems import print_results
 
 assert jax.device_count() == 2
 mesh = jax.make_mesh((2,), ("pair",))
@@ -914,29 +910,13 @@ out["collectives"] = {
     op: sum(1 for line in text.splitlines()
             if f" {op}(" in line or f" {op}-start(" in line)
     for op in ops}
-print(json.dumps(out))
+print_results(out)
 """
 
 
 @pytest.fixture(scope="module")
 def two_devices():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    "JAX_PLATFORMS": "cpu",
-  }
-  root = pathlib.Path(__file__).resolve().parent
-  result = subprocess.run(
-    [sys.executable, "-c", _CHILD, str(root)],
-    env=env,
-    capture_output=True,
-    text=True,
-    cwd=root.parent,
-    timeout=600,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_child(["-c", _CHILD], 2, timeout=600)
 
 
 def test_sampa_on_two_devices_equals_the_vmapped_pair(two_devices):

@@ -32,6 +32,32 @@ def num_examples(data: Data) -> int:
   return _contract.batch_size(data, "sam_optax.diagnostics")
 
 
+def check_call(
+  loss_fn: _contract.LossFn,
+  params: Any,
+  data: Data,
+  chunk_size: int | None,
+  name: str,
+) -> tuple[int, int | None]:
+  """The checks every diagnostic over ``data`` runs first.
+
+  ``params`` has differentiable leaves
+  (:func:`_contract.check_differentiable_params`), ``loss_fn`` returns real
+  floating per-example losses on ``data``
+  (:func:`_contract.check_per_example_losses`) and ``chunk_size`` is a
+  positive integer or None.
+
+  Returns:
+    ``(N, chunk_size)``: the number of examples and the checked chunk size.
+  """
+  _contract.check_differentiable_params(params, name)
+  size = _contract.check_per_example_losses(loss_fn, params, data, name)
+  chunk_size = _contract.check_integer(
+    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  )
+  return size, chunk_size
+
+
 def take_examples(data: Data, start: int, stop: int) -> Data:
   """Examples ``[start, stop)`` of every leaf."""
   return jax.tree.map(lambda x: x[start:stop], data)

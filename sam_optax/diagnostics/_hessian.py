@@ -100,11 +100,7 @@ def hessian_vector_product(
     ``H v``, a pytree like ``params`` with float32 leaves.
   """
   name = "hessian_vector_product"
-  _contract.check_differentiable_params(params, name)
-  _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
-  )
+  _, chunk_size = _dataset.check_call(loss_fn, params, data, chunk_size, name)
   _contract.check_same_shapes(vector, params, "vector", name)
   return _hvp(loss_fn, params, data, vector, chunk_size)
 
@@ -146,11 +142,7 @@ def hessian_trace(
     An :class:`Estimate` of ``tr H`` (float32).
   """
   name = "hessian_trace"
-  _contract.check_differentiable_params(params, name)
-  _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
-  )
+  _, chunk_size = _dataset.check_call(loss_fn, params, data, chunk_size, name)
   num_probes = _contract.check_integer(
     num_probes, "num_probes", name, minimum=2, static_hint=False
   )
@@ -345,11 +337,7 @@ def hessian_top_eigenpair(
     A :class:`HessianEigenpair` (float32).
   """
   name = "hessian_top_eigenpair"
-  _contract.check_differentiable_params(params, name)
-  _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
-  )
+  _, chunk_size = _dataset.check_call(loss_fn, params, data, chunk_size, name)
   num_iterations = _contract.check_integer(
     num_iterations, "num_iterations", name, static_hint=False
   )

@@ -75,11 +75,7 @@ def mean_gradient(
     chunk_size: examples per chunk (bounds memory), or None for all at once.
   """
   name = "mean_gradient"
-  _contract.check_differentiable_params(params, name)
-  _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
-  )
+  _, chunk_size = _dataset.check_call(loss_fn, params, data, chunk_size, name)
   return _dataset_mean_gradient(loss_fn, params, data, chunk_size)
 
 
@@ -125,11 +121,7 @@ def gradient_noise(
     A :class:`GradientNoise` (float32).
   """
   name = "gradient_noise"
-  _contract.check_differentiable_params(params, name)
-  _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
-  )
+  _, chunk_size = _dataset.check_call(loss_fn, params, data, chunk_size, name)
   return _gradient_noise(loss_fn, params, data, chunk_size)
 
 
@@ -301,10 +293,8 @@ def sample_micro_batch_gradients(
     A :class:`MicroBatchGradients`.
   """
   name = "sample_micro_batch_gradients"
-  _contract.check_differentiable_params(params, name)
-  size = _contract.check_per_example_losses(loss_fn, params, data, name)
-  chunk_size = _contract.check_integer(
-    chunk_size, "chunk_size", name, optional=True, static_hint=False
+  size, chunk_size = _dataset.check_call(
+    loss_fn, params, data, chunk_size, name
   )
   micro_batch_size = _check_micro_batch_size(
     micro_batch_size, size, False, name
