@@ -76,12 +76,25 @@ def test_bad_rho(name, rho):
     TRANSFORMS[name](rho)
 
 
+def _rw_sam_sigma(value):
+  return sam_optax.rw_sam(RHO, sigma=value)
+
+
+def _rw_asam_sigma(value):
+  return sam_optax.rw_asam(RHO, sigma=value)
+
+
+# RW-SAM's sigma=None is its documented default (1e-4, with a warning for
+# low-precision compute); every other None here is refused.
+NONE_IS_THE_DEFAULT = (_rw_sam_sigma, _rw_asam_sigma)
+
+
 @pytest.mark.parametrize(
   "make, argument",
   [
     (lambda v: sam_optax.f_sam(RHO, sigma=v), "sigma"),
-    (lambda v: sam_optax.rw_sam(RHO, sigma=v), "sigma"),
-    (lambda v: sam_optax.rw_asam(RHO, sigma=v), "sigma"),
+    (_rw_sam_sigma, "sigma"),
+    (_rw_asam_sigma, "sigma"),
     (lambda v: sam_optax.asam(RHO, eta=v), "eta"),
     (lambda v: sam_optax.rw_asam(RHO, eta=v), "eta"),
     (lambda v: sam_optax.rw_sam(RHO, lam=v), "lam"),
@@ -96,6 +109,9 @@ def test_bad_rho(name, rho):
 def test_bad_real_hyperparameters(make, argument, value):
   if argument == "lam" and value == jnp.inf:
     pytest.skip("lam = inf is allowed: uniform weights, mini-batch SAM")
+  if value is None and make in NONE_IS_THE_DEFAULT:
+    make(value)  # accepted: the documented default
+    return
   with pytest.raises(ValueError, match=f"{argument} must be"):
     make(value)
 
