@@ -106,13 +106,17 @@ def test_m_sam_costs_sam_plus_elementwise_work_per_micro_batch(
 
 
 def test_probe_costs_a_few_operations_per_entry():
-  """One draw of ``d/32`` words and an unpacking: about 6 FLOPs per entry
-  (a threefry draw per entry, as ``jax.random.rademacher`` is, costs 55)."""
+  """One draw of ``d/32`` words and an unpacking: about 19 operations per
+  entry as XLA counts them (18.7 here), the Threefry rounds of the words
+  and the unpacking. The rounds are elementwise and all counted (XLA
+  counted ``jax.random.bits``' ``while`` loop at one of its five
+  iterations: 6 per entry then). A Threefry draw per entry, as
+  ``jax.random.rademacher`` is, costs 55 with its loop counted once."""
   params, _, d = _problem()
   probe = compiled_flops(
     lambda key: _per_example.rademacher_like(key, params), jax.random.key(0)
   )
-  assert probe <= 8 * d, probe / d
+  assert probe <= 24 * d, probe / d
 
 
 # --- Compilations -------------------------------------------------------------
