@@ -76,7 +76,7 @@ from sam_optax._vasso import vasso
 from sam_optax._wsam import DecoupledWsamState
 from sam_optax._wsam import wsam
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # What users call. The transforms; the pieces a new variant is built from
 # (AscentDirection, DirectionFn, sharpness_aware and sharpness_aware_step,
