@@ -234,7 +234,7 @@ def m_sam_variants(setup: benchmark.Setup) -> list[benchmark.Variant]:
   m = setup.chunked_micro_batch_size
   count = setup.batch["labels"].shape[0] // m
   entries = [benchmark.Variant("m_sam", _m_sam(m))]
-  for form in ("vmap", "unrolled", "sequential"):
+  for form in ("vmap", "unrolled", "sequential", "low_rank"):
     entries.append(
       benchmark.Variant(f"m_sam/{form}", _m_sam(m, implementation=form))
     )
@@ -308,9 +308,16 @@ def auto_plan(setup: benchmark.Setup) -> dict[str, Any]:
     setup.batch, setup.chunked_micro_batch_size, "scaling_benchmark"
   )
   work = _micro_batches.workload(setup.params, micro_batches, loss_fn)
+  plan = _micro_batches.choose(work)._asdict()
+  # m_sam's "auto" first asks whether the low-rank form pays (it is not
+  # one of _micro_batches' copy forms): report what m_sam actually runs.
+  if sam_optax._m_sam.takes_low_rank(
+    loss_fn, setup.params, setup.batch, setup.chunked_micro_batch_size
+  ):
+    plan = {"implementation": "low_rank", "micro_batches_per_chunk": None}
   return {
     "workload": work._asdict(),
-    "plan": _micro_batches.choose(work)._asdict(),
+    "plan": plan,
     "estimates": {
       name: estimate.cost
       for name, estimate in _micro_batches.estimates(work).items()

@@ -164,7 +164,11 @@ def test_smoke_run(tmp_path):
     assert row["flops"] > 0 and row["bytes_accessed"] > 0, name
     assert row["temp_bytes"] >= 0, name
   assert result["rows"]["m_sam/papers_loop"]["vs_papers_loop"] == 1.0
-  assert result["auto"]["plan"]["implementation"] in ("unrolled", "sequential")
+  assert result["auto"]["plan"]["implementation"] in (
+    "unrolled",
+    "sequential",
+    "low_rank",
+  )
   assert result["verdict"].split(":")[0] in (
     "ok",
     "MISSED",
@@ -179,3 +183,19 @@ def test_smoke_run(tmp_path):
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+def test_auto_plan_reports_the_low_rank_form_where_m_sam_takes_it():
+  # The deep MLPs: m_sam's "auto" runs "low_rank" there (weights outweigh
+  # activations, no convolution), which the copy forms' plan alone missed.
+  size = next(s for s in scaling_benchmark.SIZES if s.label == "d8w128")
+  setup = scaling_benchmark.make_setup(size)
+  loss_fn = steps.passes_loss_fn(
+    setup.graphdef, setup.params, setup.state, setup.per_example_loss
+  )
+  takes = sam_optax._m_sam.takes_low_rank(
+    loss_fn, setup.params, setup.batch, setup.chunked_micro_batch_size
+  )
+  assert takes
+  plan = scaling_benchmark.auto_plan(setup)["plan"]
+  assert plan["implementation"] == "low_rank"
