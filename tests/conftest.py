@@ -76,7 +76,8 @@ hypothesis.settings.load_profile(
 # time on 2 cores) and repeat what a cheaper default check covers: the same
 # formula without jit, another model family, a larger shape, a second mock
 # CIFAR row. They run with `-m slow`. Listed here, in one place, so that the
-# budget is visible; a new costly check is marked where it is written.
+# budget is visible; a new costly check is marked where it is written. An
+# entry is a prefix of test ids, or one whole id where it ends in "$".
 SLOW_IN_THE_DEFAULT_BUDGET = (
   "test_experiments_noise_trace.py::test_noise_trace_end_to_end",
   "test_core_properties.py::test_f_sam_without_sigma_is_sam",
@@ -112,6 +113,14 @@ SLOW_IN_THE_DEFAULT_BUDGET = (
   "test_experiments_scaling_benchmark.py::test_every_setup_carries_the_split"
   "_loss[transformer]",
   "test_theory.py::MeanNoiseNormTest::test_decreases_in_micro_batch_size1",
+  # The same transform as the rw_sam_two_probes and f_sam_current cases; a
+  # micro-batch of the whole batch (test_whole_batch_is_sam_and_usam's case).
+  "test_schedules.py::ConstantScheduleTest::test_equals_fixed_rho_step_for"
+  "_step_rw_sam$",
+  "test_schedules.py::ConstantScheduleTest::test_equals_fixed_rho_step_for"
+  "_step_f_sam$",
+  "test_m_sam.py::MSamTest::test_every_formulation_matches_the_reference_"
+  "under_jit2",
 )
 
 
@@ -120,5 +129,12 @@ def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
     node = item.nodeid.split("tests/", 1)[-1]
-    if node.startswith(SLOW_IN_THE_DEFAULT_BUDGET):
+    if any(_matches(node, entry) for entry in SLOW_IN_THE_DEFAULT_BUDGET):
       item.add_marker(pytest.mark.slow)
+
+
+def _matches(node: str, entry: str) -> bool:
+  """A test id's prefix, or (ending in ``$``) the whole test id."""
+  if entry.endswith("$"):
+    return node == entry[:-1]
+  return node.startswith(entry)
