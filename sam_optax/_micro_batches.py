@@ -32,11 +32,11 @@ import math
 from typing import Any, Literal, NamedTuple
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import optax
 
 from sam_optax import _contract
+from sam_optax import _jaxprs
 from sam_optax import _sharding
 
 Implementation = Literal["auto", "vmap", "unrolled", "sequential"]
@@ -267,17 +267,6 @@ class LossProfile(NamedTuple):
   has_convolutions: bool
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
-  found = []
-  for value in params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      if isinstance(item, jax_core.ClosedJaxpr):
-        found.append(item.jaxpr)
-      elif isinstance(item, jax_core.Jaxpr):
-        found.append(item)
-  return found
-
-
 def _dtype(x: Any) -> Any:
   """``x``'s dtype, extended ones (PRNG keys) included."""
   return getattr(x, "dtype", None) or jnp.result_type(x)
@@ -293,7 +282,7 @@ def _walk(jaxpr: Any, totals: list[int], repeat: int = 1) -> None:
     if equation.primitive.name == "conv_general_dilated":
       totals[1] = 1
     times = repeat * int(equation.params.get("length", 1) or 1)
-    subs = _sub_jaxprs(equation.params)
+    subs = _jaxprs.sub_jaxprs(equation.params)
     if subs:
       for sub in subs:
         _walk(sub, totals, times)

@@ -18,6 +18,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 
 from sam_optax import _contract
+from sam_optax import _jaxprs
 
 _LoopCarry = tuple[int, int]  # (index of the first carry input, count)
 
@@ -52,17 +53,6 @@ class _Narrowest:
       self.dtype = atom.aval.dtype
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
-  found = []
-  for value in params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      if isinstance(item, jax_core.ClosedJaxpr):
-        found.append(item.jaxpr)
-      elif isinstance(item, jax_core.Jaxpr):
-        found.append(item)
-  return found
-
-
 def _walk(
   jaxpr: Any,
   tainted_inputs: list[bool],
@@ -87,7 +77,7 @@ def _walk(
       flags = [_is_var(a) and a in tainted for a in equation.invars]
       if not any(flags):
         continue
-      for sub in _sub_jaxprs(equation.params):
+      for sub in _jaxprs.sub_jaxprs(equation.params):
         inputs = _sub_inputs(equation, sub, flags)
         _walk(sub, inputs, narrowest, _loop_carry(equation, sub))
       for var in equation.outvars:
