@@ -97,7 +97,7 @@ def _nnx_problem():
   return loss_fn, nnx.state(model, nnx.Param), _classes(jax.random.key(3), (5,))
 
 
-def _cnn_problem():
+def cnn_problem():
   k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
   params = {
     "conv": 0.3 * jax.random.normal(k1, (3, 3, 2, 4)),
@@ -118,7 +118,7 @@ def _cnn_problem():
   return loss_fn, params, _classes(k3, (4, 4, 2))
 
 
-def _attention_problem():
+def attention_problem():
   keys = jax.random.split(jax.random.key(6), 3)
   d, t, v = 8, 4, 7
   params = {
@@ -162,8 +162,8 @@ def problems():
       mlp_batch,
     ),
     "nnx-bf16": _nnx_problem(),
-    "cnn-f32": _cnn_problem(),
-    "attention-f32": _attention_problem(),
+    "cnn-f32": cnn_problem(),
+    "attention-f32": attention_problem(),
   }
 
 

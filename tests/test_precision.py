@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import precision_check
 import sam_optax
 from sam_optax import _precision
 
@@ -152,57 +153,6 @@ def test_an_explicit_sigma_is_respected_without_a_warning():
   assert state.unresolved_fraction > LIMIT  # still checked every step
 
 
-def _cnn_problem():
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(4), 4)
-  params = {
-    "conv": jax.random.normal(k1, (3, 3, 2, 4)) * 0.3,
-    "dense": jax.random.normal(k2, (4 * 4 * 4, 3)) * 0.2,
-  }
-  batch = {
-    "x": jax.random.normal(k3, (32, 4, 4, 2)),
-    "y": jax.random.randint(k4, (32,), 0, 3),
-  }
-
-  def loss_fn(p, b):
-    x = jax.lax.conv_general_dilated(
-      b["x"],
-      p["conv"],
-      (1, 1),
-      "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    logits = jnp.tanh(x).reshape(x.shape[0], -1) @ p["dense"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
-
-  return loss_fn, params, batch
-
-
-def _attention_problem():
-  keys = jax.random.split(jax.random.key(6), 6)
-  d, t, v = 8, 4, 7
-  params = {
-    "embed": jax.random.normal(keys[0], (v, d)),
-    "qkv": jax.random.normal(keys[1], (3, d, d)) / np.sqrt(d),
-    "scale": jnp.ones(d),
-  }
-  batch = {"tokens": jax.random.randint(keys[2], (32, t + 1), 0, v)}
-
-  def loss_fn(p, b):
-    x = p["embed"][b["tokens"][:, :-1]]
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5)
-    q, k, w = (x * p["scale"] @ p["qkv"][i] for i in range(3))
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(causal, q @ k.transpose(0, 2, 1) / np.sqrt(d), -1e9)
-    x = x + jax.nn.softmax(scores) @ w
-    logits = x @ p["embed"].T
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, b["tokens"][:, 1:]
-    )
-    return jnp.mean(losses, -1)
-
-  return loss_fn, params, batch
-
-
 @pytest.mark.parametrize(
   "problem",
   [
@@ -214,8 +164,9 @@ def _attention_problem():
 def test_float32_models_are_resolved_and_not_warned(problem):
   loss_fn, params, batch = {
     "mlp": lambda: (mlp_loss, PARAMS, BATCH),
-    "cnn": _cnn_problem,
-    "attention": _attention_problem,
+    # The float32 models of experiments/precision_check.py.
+    "cnn": precision_check.cnn_problem,
+    "attention": precision_check.attention_problem,
   }[problem]()
   with warnings.catch_warnings():
     warnings.simplefilter("error", UserWarning)
