@@ -11,13 +11,16 @@ from typing import Any
 from jax.extend import core as jax_core
 
 
+def open_jaxpr(value: Any) -> Any:
+  """A ``ClosedJaxpr``'s jaxpr; a ``Jaxpr`` as it is."""
+  return value.jaxpr if isinstance(value, jax_core.ClosedJaxpr) else value
+
+
 def sub_jaxprs(params: dict[str, Any]) -> list[Any]:
   """The jaxprs among an equation's ``params`` (in lists and tuples too)."""
-  found = []
-  for value in params.values():
-    for item in value if isinstance(value, (list, tuple)) else (value,):
-      if isinstance(item, jax_core.ClosedJaxpr):
-        found.append(item.jaxpr)
-      elif isinstance(item, jax_core.Jaxpr):
-        found.append(item)
-  return found
+  return [
+    open_jaxpr(item)
+    for value in params.values()
+    for item in (value if isinstance(value, (list, tuple)) else (value,))
+    if isinstance(item, (jax_core.ClosedJaxpr, jax_core.Jaxpr))
+  ]

@@ -101,7 +101,7 @@ def _sub_inputs(equation: Any, sub: Any, flags: list[bool]) -> list[bool]:
   if equation.primitive.name == "while":
     cond, body = params["cond_nconsts"], params["body_nconsts"]
     loop = flags[cond + body :]
-    if sub is _jaxpr(params["cond_jaxpr"]):
+    if sub is _jaxprs.open_jaxpr(params["cond_jaxpr"]):
       return flags[:cond] + loop
     return flags[cond : cond + body] + loop
   if n == len(flags):
@@ -111,15 +111,13 @@ def _sub_inputs(equation: Any, sub: Any, flags: list[bool]) -> list[bool]:
   return [any(flags)] * n  # an unknown layout: every input, to be safe
 
 
-def _jaxpr(value: Any) -> Any:
-  return value.jaxpr if isinstance(value, jax_core.ClosedJaxpr) else value
-
-
 def _loop_carry(equation: Any, sub: Any) -> _LoopCarry | None:
   params = equation.params
   if equation.primitive.name == "scan":
     return params["num_consts"], params["num_carry"]
-  if equation.primitive.name == "while" and sub is _jaxpr(params["body_jaxpr"]):
+  if equation.primitive.name == "while" and sub is _jaxprs.open_jaxpr(
+    params["body_jaxpr"]
+  ):
     return params["body_nconsts"], len(sub.outvars)
   return None
 
