@@ -316,7 +316,6 @@ def _temp_bytes(per_chunk, width=256, size=32):
 
 
 class ChunkMemoryTest(chex.TestCase):
-  @pytest.mark.slow  # four compiles
   def test_temp_memory_linear_in_chunk_size(self):
     # 16 micro-batches of a 256x256 weight (256 KiB): each micro-batch in
     # flight holds a few weight-sized copies, so temp ≈ a + b·c.
