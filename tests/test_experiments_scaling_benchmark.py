@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import benchmark
+from experiments import kernel_profile
 from experiments import models
 from experiments import nnx_glue
 from experiments import optimizers
@@ -199,3 +200,18 @@ def test_auto_plan_reports_the_low_rank_form_where_m_sam_takes_it():
   assert takes
   plan = scaling_benchmark.auto_plan(setup)["plan"]
   assert plan["implementation"] == "low_rank"
+
+
+def test_kernel_profile_counts_the_kernels_of_a_row():
+  # The tiny MLP's SGD and SAM rows, a few profiled steps each.
+  results = kernel_profile.main(
+    ["--size", "d2w32", "--rows", "sgd", "sam", "--steps", "3", "--top", "2"]
+  )
+  assert set(results) == {"sgd", "sam"}
+  for result in results.values():
+    assert result["kernels_per_step"] > 0 and result["kernel_us"] > 0
+    assert sum(result["kernels_by_thread"].values()) == pytest.approx(
+      result["kernels_per_step"]
+    )
+  # SAM's step is SGD's twice over, and more.
+  assert results["sam"]["kernels_per_step"] > results["sgd"]["kernels_per_step"]
