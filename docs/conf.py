@@ -21,11 +21,15 @@ ROOT = DOCS.parent
 # XLA_FLAGS is kept. The examples of "Across devices" run on 4 devices, which
 # JAX makes from host threads on a CPU. The examples compile about a thousand
 # small programs and run each once or twice, so the CPU compiler's slower
-# optimizations cost more than they save (the doctests take a quarter less).
+# optimizations cost more than they save (the doctests take a quarter less),
+# and so do its MLIR fusion emitters and split LLVM modules (the same flags
+# as tests/conftest.py; no example prints a compiled cost).
 _XLA_FLAGS = {
   "--xla_force_host_platform_device_count": "4",
   "--xla_backend_optimization_level": "0",
   "--xla_llvm_disable_expensive_passes": "true",
+  "--xla_cpu_use_fusion_emitters": "false",
+  "--xla_cpu_parallel_codegen_split_count": "1",
 }
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
