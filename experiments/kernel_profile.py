@@ -47,9 +47,9 @@ def kernel_times(run: Any, steps: int) -> dict[str, Any]:
         continue
       for event in line.events:
         # The executor's own spans and the async kernels' end markers.
-        if event.name.startswith(("ThunkExecutor", "ThreadpoolListener")):
-          continue
-        if event.name.startswith("end:"):
+        if event.name.startswith(
+          ("ThunkExecutor", "ThreadpoolListener", "end:")
+        ):
           continue
         durations[event.name].append(event.duration_ns / 1e3)
         threads[line.name.split("/")[0]] += 1
@@ -66,7 +66,10 @@ def kernel_times(run: Any, steps: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--size", default="d8w128", help="a size's label.")
+  labels = [size.label for size in scaling_benchmark.SIZES]
+  parser.add_argument(
+    "--size", default="d8w128", choices=labels, help="a size's label."
+  )
   parser.add_argument("--rows", nargs="+", default=["sam", "rw_sam"])
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--top", type=int, default=10)
@@ -75,6 +78,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   (size,) = [s for s in scaling_benchmark.SIZES if s.label == args.size]
   setup = scaling_benchmark.make_setup(size)
   variants = {v.name: v for v in scaling_benchmark.variants(setup)}
+  unknown = sorted(set(args.rows) - set(variants))
+  if unknown:
+    parser.error(
+      f"--rows: no row {', '.join(unknown)} on {args.size}; the rows are"
+      f" {', '.join(variants)}."
+    )
   results = {}
   for name in args.rows:
     runner = variants[name].build(setup)

@@ -7,9 +7,10 @@ second run with every program cached takes a quarter of the time), so:
   LLVM's optimization level 0 (``--xla_backend_optimization_level=0``, about
   30% off the suite), the fusions' older LLVM IR emitters instead of the
   MLIR ones (``--xla_cpu_use_fusion_emitters=false``) and one LLVM module
-  per program (``--xla_cpu_parallel_codegen_split_count=1``): together
-  another 35-40% off (tests/test_composition.py 22.6 s against 14.1 s, one
-  worker; the suite 3:44 against 5:39 on 2 cores). The first two leave
+  per program (``--xla_cpu_parallel_codegen_split_count=1``): each on top of
+  -O0, tests/test_composition.py on one worker took 14.1 s with the first
+  and 20.2 s with the second, against 22.6 s; the suite with all three took
+  3:44 against 5:39 on 2 cores. The first two leave
   XLA's HLO passes as they are; without the MLIR emitters XLA no longer
   wraps single operations as fusions (a SAM step on an MLP: 79 loop fusions
   against 155), which moves the cost analysis' bytes by under 0.3%, temp

@@ -215,3 +215,12 @@ def test_kernel_profile_counts_the_kernels_of_a_row():
     )
   # SAM's step is SGD's twice over, and more.
   assert results["sam"]["kernels_per_step"] > results["sgd"]["kernels_per_step"]
+
+
+def test_kernel_profile_names_an_unknown_size_or_row(capsys):
+  with pytest.raises(SystemExit):
+    kernel_profile.main(["--size", "d9w9"])
+  assert "--size" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    kernel_profile.main(["--size", "d2w32", "--rows", "sam", "no_such_row"])
+  assert "--rows: no row no_such_row" in capsys.readouterr().err
