@@ -8,10 +8,11 @@ second run with every program cached takes a quarter of the time), so:
   30% off the suite), the fusions' older LLVM IR emitters instead of the
   MLIR ones (``--xla_cpu_use_fusion_emitters=false``) and one LLVM module
   per program (``--xla_cpu_parallel_codegen_split_count=1``): each on top of
-  -O0, tests/test_composition.py on one worker took 14.1 s with the first
-  and 20.2 s with the second, against 22.6 s; the suite with all three took
-  3:44 against 5:39 on 2 cores. The first two leave
-  XLA's HLO passes as they are; without the MLIR emitters XLA no longer
+  -O0, tests/test_composition.py on one worker took 14.1 s with the emitters
+  flag and 20.2 s with the split count, against 22.6 s; the suite with all
+  three took 3:44 against 5:39 on 2 cores (docs/conf.py sets the same flags
+  for the doctests). -O0 and the split count leave XLA's HLO passes as they
+  are; without the MLIR emitters XLA no longer
   wraps single operations as fusions (a SAM step on an MLP: 79 loop fusions
   against 155), which moves the cost analysis' bytes by under 0.3%, temp
   memory by under 3% and FLOPs by under 1e-5, measured. The checks of
