@@ -113,6 +113,14 @@ def rw_sam_gradient(params, batch, rho=RHO, lam=LAM):
 VARIANTS = {
   "sam": (lambda: sam_optax.sam(RHO), sam_gradient, True),
   "m_sam": (lambda: sam_optax.m_sam(RHO, MICRO), m_sam_gradient, False),
+  # Chunks of one micro-batch call the step directly, not a vmap of one.
+  "m_sam_chunks_of_one": (
+    lambda: sam_optax.m_sam(
+      RHO, MICRO, implementation="vmap", micro_batches_per_chunk=1
+    ),
+    m_sam_gradient,
+    False,
+  ),
   "rw_sam": (
     lambda: sam_optax.rw_sam(RHO, LAM, gradient_norms="exact"),
     rw_sam_gradient,
@@ -503,9 +511,15 @@ class MaskTest(parameterized.TestCase):
       expected, trace = momentum_sgd(expected, trace, gradient)
       chex.assert_trees_all_close(params["out"], expected["out"], **TOL)
 
-  def test_m_sam_perturb_mask(self):
+  @parameterized.parameters(None, 1)
+  def test_m_sam_perturb_mask(self, micro_batches_per_chunk):
     """The clean gradient is not passed: each micro-batch's ε is masked."""
-    tx = sam_optax.m_sam(RHO, MICRO, perturb_mask=head_only)
+    tx = sam_optax.m_sam(
+      RHO,
+      MICRO,
+      perturb_mask=head_only,
+      micro_batches_per_chunk=micro_batches_per_chunk,
+    )
     params = _params(seed=6)
     batch = _batches(1, seed=60)[0]
     updates, _ = _jit_update(tx)(None, tx.init(params), params, batch)

@@ -46,6 +46,13 @@ VARIANTS = {
   ),
   "rw_asam": (sam_optax.rw_asam, {"lam": 0.5, "eta": 0.02}, ()),
   "m_sam": (sam_optax.m_sam, {"micro_batch_size": 4}, ("micro_batch_size",)),
+  "m_sam_chunks_of_one": (
+    functools.partial(
+      sam_optax.m_sam, implementation="vmap", micro_batches_per_chunk=1
+    ),
+    {"micro_batch_size": 4},
+    ("micro_batch_size",),
+  ),
   "gsam": (sam_optax.gsam, {"alpha": 0.3}, ()),
   "wsam": (sam_optax.wsam, {"gamma": 0.8}, ()),
   "vasso": (sam_optax.vasso, {"theta": 0.4}, ()),
