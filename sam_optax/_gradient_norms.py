@@ -195,7 +195,7 @@ def finite_difference_gradient_norms(
     losses = None  # the baseline must be evaluated at the probes' precision
   if difference == "forward" and losses is None:
     losses = losses_float32(loss_fn, probe_params, batch)
-  keys = jax.random.split(key, num_probes)
+  keys = _per_example.split_key(key, num_probes)
   estimates = jnp.stack(
     [
       directional_derivative_estimate(

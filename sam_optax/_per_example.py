@@ -34,7 +34,7 @@ or dropout in training mode) and ``"batch_of_one"`` otherwise, so a plain
 ``loss_fn`` keeps the cheap route.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
 import itertools
 import math
@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 import optax
 
@@ -125,14 +126,10 @@ def _threefry2x32(
   return x[0], x[1]
 
 
-def _random_words(key: jax.Array, count: int) -> jax.Array:
-  """``jax.random.bits(key, (count,), jnp.uint32)``, the same values.
-
-  For a Threefry key with ``jax_threefry_partitionable`` (JAX's default),
-  word ``i`` is ``a ^ b`` for ``(a, b)`` the hash of the counter ``(0, i)``
-  (JAX's definition), computed by :func:`_threefry2x32`; any other key goes
-  to ``jax.random.bits``.
-  """
+def _threefry_key_data(key: jax.Array, count: int) -> jax.Array | None:
+  """The ``[2]`` words of a Threefry key whose draws of ``count`` words the
+  fused :func:`_threefry2x32` reproduces, else None (another generator, a
+  legacy setting, or a draw too long for 32-bit counters)."""
   if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)  # a legacy uint32 key
   if (
@@ -140,12 +137,135 @@ def _random_words(key: jax.Array, count: int) -> jax.Array:
     or not getattr(jax.config, "jax_threefry_partitionable", True)
     or count >= 2**32
   ):
+    return None
+  return jax.random.key_data(key)
+
+
+def _words_at(key_data: jax.Array, counters: ArrayLike) -> jax.Array:
+  """Words ``counters`` of the draw: ``a ^ b`` for ``(a, b)`` the Threefry
+  hash of the counter ``(0, i)`` (JAX's definition of ``jax.random.bits``
+  for a Threefry key with ``jax_threefry_partitionable``)."""
+  low = jnp.asarray(counters, jnp.uint32)
+  first, second = _threefry2x32(key_data, jnp.zeros_like(low), low)
+  return first ^ second
+
+
+def _random_words(key: jax.Array, count: int) -> jax.Array:
+  """``jax.random.bits(key, (count,), jnp.uint32)``, the same values.
+
+  For a Threefry key with ``jax_threefry_partitionable`` (JAX's default),
+  word ``i`` is computed by :func:`_words_at`; any other key goes to
+  ``jax.random.bits``.
+  """
+  key_data = _threefry_key_data(key, count)
+  if key_data is None:
     return jax.random.bits(key, (count,), jnp.uint32)
-  low = jax.lax.iota(jnp.uint32, count)
+  return _words_at(key_data, jax.lax.iota(jnp.uint32, count))
+
+
+def split_key(key: jax.Array, num: int) -> jax.Array:
+  """``jax.random.split(key, num)``, the same keys, in one fused kernel.
+
+  For a Threefry key with ``jax_threefry_partitionable``, key ``i`` is the
+  hash of the counter ``(0, i)`` (JAX's definition), computed by
+  :func:`_threefry2x32`: XLA:CPU runs ``jax.random.split`` as a ``while``
+  loop and about ten small kernels, all ready at the step's start, which
+  made RW-SAM's step hand work to XLA's thread pool where SAM's does not.
+  Any other key goes to ``jax.random.split``.
+  """
+  if (
+    not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    or jnp.ndim(key) != 0
+    or _threefry_key_data(key, num) is None
+  ):
+    return jax.random.split(key, num)
+  low = jax.lax.iota(jnp.uint32, num)
   first, second = _threefry2x32(
     jax.random.key_data(key), jnp.zeros_like(low), low
   )
-  return first ^ second
+  return jax.random.wrap_key_data(
+    jnp.stack([first, second], axis=-1), impl=jax.random.key_impl(key)
+  )
+
+
+WORDS_PER_KERNEL = 512
+"""The most words a Threefry expression of :func:`rademacher_like` hashes
+for a leaf of at most that many words (larger leaves share one).
+
+XLA:CPU's cost model rates a fused kernel by every operation inside it, and
+splits one rated above about two 100 µs shares across its thread pool
+(measured: a Threefry kernel of 800 words ran on one thread, one of 960
+words on two). A leaf's kernel computes only its own words, but carries
+the whole expression its words were gathered from: hashing a small leaf's
+words from one expression over the whole tree made every leaf's kernel look
+large, and RW-SAM's step ran on the pool, where SAM's stays on the calling
+thread (``mlp d8w128``: 1.29× SAM's step on 2 CPU cores, 1.20–1.24× with
+these bounds; ``experiments/kernel_profile.py`` shows where kernels run).
+"""
+
+
+def _gather(words: jax.Array, indices: np.ndarray) -> jax.Array:
+  """``words[indices]`` at constant, sorted, unique indices.
+
+  A gather, not a slice: XLA compiles one kernel per distinct fusion, and a
+  slice's offset is part of its kernel, so slices give every leaf a kernel
+  of its own (about 20 ms of LLVM each on a CPU, 2.6 s at 128 leaves). The
+  indices are an operand instead, so leaves of one shape share kernels. The
+  gather is also where XLA stops fusing: the generator is fused into the
+  gather, which computes only the words it reads, and not into the
+  unpacking, which reads each word 32 times.
+  """
+  return words.at[indices].get(
+    mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True
+  )
+
+
+def _word_range(start: int, count: int) -> np.ndarray:
+  return np.arange(start, start + count, dtype=np.int32)
+
+
+def _leaf_words(
+  key: jax.Array, counts: Sequence[int], starts: Sequence[int]
+) -> list[jax.Array]:
+  """Each leaf's ``counts[i]`` words, from word ``starts[i]`` of the draw.
+
+  A leaf of more than :data:`WORDS_PER_KERNEL` words gathers them from one
+  expression over the whole draw (its kernel is split across threads
+  anyway). Smaller leaves of as many words are hashed together, from their
+  own counters, by expressions of at most that many words (near-equal
+  groups: at most two kernels a word count), so that their kernels stay on
+  one thread and compile time grows with the groups, not the leaves.
+  """
+  total = starts[-1] if len(starts) else 0
+  key_data = _threefry_key_data(key, total)
+  words: list[Any] = [None] * len(counts)
+  if key_data is None:  # another generator: one draw, gathered per leaf
+    draw = jax.random.bits(key, (total,), jnp.uint32)
+    return [
+      _gather(draw, _word_range(start, count))
+      for start, count in zip(starts, counts, strict=False)
+    ]
+  small: dict[int, list[int]] = {}
+  large = []
+  for index, count in enumerate(counts):
+    if count > WORDS_PER_KERNEL:
+      large.append(index)
+    else:
+      small.setdefault(count, []).append(index)
+  if large:
+    draw = _random_words(key, total)
+    for index in large:
+      words[index] = _gather(draw, _word_range(starts[index], counts[index]))
+  for count, members in small.items():
+    groups = max(1, -(-len(members) * count // WORDS_PER_KERNEL))
+    for group in np.array_split(np.asarray(members), groups):
+      counters = np.concatenate(
+        [_word_range(starts[index], count) for index in group]
+      )
+      hashed = _words_at(key_data, counters.astype(np.uint32))
+      for row, index in enumerate(group):
+        words[index] = _gather(hashed, _word_range(row * count, count))
+  return words
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -157,25 +277,14 @@ def _packed_signs(key: jax.Array, shapes: tuple[tuple[int, ...], ...]) -> Any:
   """
   sizes = [math.prod(shape) for shape in shapes]
   counts = [-(-size // _BITS) for size in sizes]  # words per leaf
-  words = _random_words(key, sum(counts))
+  starts = list(itertools.accumulate(counts, initial=0))
   shifts = jnp.arange(_BITS, dtype=jnp.uint32)
-  starts = itertools.accumulate(counts, initial=0)
   probe = []
-  for start, count, size, shape in zip(
-    starts, counts, sizes, shapes, strict=False
+  for words, size, shape in zip(
+    _leaf_words(key, counts, starts), sizes, shapes, strict=False
   ):
-    # A gather at constant indices, not a slice: XLA compiles one kernel per
-    # distinct fusion, and a slice's offset is part of its kernel, so slices
-    # made every leaf's probe kernel distinct (about 20 ms of LLVM each on a
-    # CPU, 2.6 s at 128 leaves). The indices are an operand instead, and
-    # leaves of one shape share their kernels, as in the rest of the step.
-    leaf_words = words.at[np.arange(start, start + count, dtype=np.int32)].get(
-      mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True
-    )
     # Bit j of the word, moved to the sign bit of float32's 1.0: ±1.
-    signs = jnp.left_shift(
-      jnp.right_shift(leaf_words[:, None], shifts), _BITS - 1
-    )
+    signs = jnp.left_shift(jnp.right_shift(words[:, None], shifts), _BITS - 1)
     ones = jax.lax.bitcast_convert_type(
       jnp.bitwise_or(signs, _ONE_FLOAT32_BITS), jnp.float32
     )
