@@ -167,7 +167,10 @@ def gibbs_weights(
   safe_lam = jnp.where(resolved, lam, 1.0)
   logits = jnp.where(tie, 0.0, jnp.where(resolved, gap / safe_lam, -jnp.inf))
   largest = jnp.finfo(jnp.float32).max
-  return jax.nn.softmax(jnp.clip(logits, -largest, largest))
+  # The largest logit is 0 (the ties'), so this is the softmax as
+  # jax.nn.softmax takes it, less its own pass for the maximum.
+  exponentials = jnp.exp(jnp.clip(logits, -largest, largest))
+  return exponentials / jnp.sum(exponentials)
 
 
 UNRESOLVED_LIMIT = 0.25
@@ -191,15 +194,31 @@ def _diagnostics(
   weights: jax.Array,
   unresolved: jax.Array,
 ) -> ReweightedAscentState:
-  magnitude = _perturbation.magnitude_scale(norms)  # no overflow in the std
+  # The sums in one reduction (a small model's step pays per kernel).
+  loss_sum, norm_sum, entropy, weight_squares = jnp.sum(
+    jnp.stack(
+      [
+        losses.astype(jnp.float32),
+        norms,
+        jax.scipy.special.entr(weights),
+        jnp.square(weights),
+      ]
+    ),
+    axis=1,
+  )
+  # max |s_i| = max s_i (the norms are >= 0), as scale_scores takes it, so
+  # XLA computes it and the scaled norms once for both.
+  largest = optax.tree.norm(norms, ord="inf")
+  magnitude = _perturbation.magnitude_scale(norms)
   return ReweightedAscentState(
-    clean_loss=jnp.mean(losses.astype(jnp.float32)),
-    gradient_norm_mean=jnp.mean(norms),
+    clean_loss=loss_sum / losses.shape[0],
+    gradient_norm_mean=norm_sum / norms.shape[0],
+    # Scaled by the largest norm: no overflow in the squares.
     gradient_norm_std=magnitude
     * jnp.std(_perturbation.divide(norms, magnitude)),
-    gradient_norm_max=jnp.max(norms),
-    weight_entropy=jnp.sum(jax.scipy.special.entr(weights)),
-    effective_sample_size=1.0 / jnp.sum(jnp.square(weights)),
+    gradient_norm_max=largest,
+    weight_entropy=entropy,
+    effective_sample_size=1.0 / weight_squares,
     unresolved_fraction=unresolved,
   )
 
