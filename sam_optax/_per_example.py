@@ -183,8 +183,15 @@ def split_key(key: jax.Array, num: int) -> jax.Array:
   first, second = _threefry2x32(
     jax.random.key_data(key), jnp.zeros_like(low), low
   )
+  # Gathered, so that XLA computes the keys once: otherwise it fuses their
+  # rounds into every kernel that reads them (each leaf's probe kernel),
+  # which the cost model then rates at twice the work.
+  data = _gather(
+    jnp.stack([first, second], axis=-1).reshape(-1),
+    np.arange(2 * num, dtype=np.int32),
+  )
   return jax.random.wrap_key_data(
-    jnp.stack([first, second], axis=-1), impl=jax.random.key_impl(key)
+    data.reshape(num, 2), impl=jax.random.key_impl(key)
   )
 
 
