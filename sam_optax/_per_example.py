@@ -74,8 +74,10 @@ def rademacher_like(key: jax.Array, tree: Any) -> Any:
   ``N`` words and a compilation of the generator per leaf. Each leaf reads
   its words through a gather at constant indices, so that leaves of one
   shape share their compiled kernels (a slice per leaf gave each leaf a
-  kernel of its own: compile time growing with the number of leaves). The
-  same key and leaf shapes give the same probe.
+  kernel of its own: compile time growing with the number of leaves), and a
+  leaf of at most :data:`WORDS_PER_KERNEL` words hashes only its own (see
+  there: XLA:CPU then keeps a small model's probe on one thread). The same
+  key and leaf shapes give the same probe.
 
   Args:
     key: a PRNG key.
