@@ -246,8 +246,8 @@ def test_leaves_of_one_shape_share_their_compiled_kernels(large):
   kernel of its own (with a slice of the draw per leaf, each had one, about
   20 ms of compile time each on a CPU: RW-SAM's compile time grew with the
   number of leaves, where SAM's does not). Small leaves are hashed in
-  groups of near-equal sizes (at most two a shape); leaves over
-  ``WORDS_PER_KERNEL`` words share one expression."""
+  groups of near-equal sizes (at most two a shape), and so are leaves over
+  ``WORDS_PER_KERNEL`` words (in larger groups, each hashed once)."""
 
   def shifted(tree, key):
     probe = _probe(key, tree)
@@ -255,8 +255,8 @@ def test_leaves_of_one_shape_share_their_compiled_kernels(large):
 
   def kernels(n):
     tree = [jnp.zeros((64, 48))] * n + [jnp.zeros(48)] * n
-    if large:
-      tree.append(jnp.zeros((_per_example.WORDS_PER_KERNEL + 1) * WORD))
+    if large:  # n leaves of one word over the bound
+      tree += [jnp.zeros((_per_example.WORDS_PER_KERNEL + 1) * WORD)] * n
     compiled = jax.jit(shifted).lower(tree, jax.random.key(0)).compile()
     return _distinct_fusions(compiled.as_text())
 
