@@ -157,7 +157,9 @@ def _random_words(key: jax.Array, count: int) -> jax.Array:
 
   For a Threefry key with ``jax_threefry_partitionable`` (JAX's default),
   word ``i`` is computed by :func:`_words_at`; any other key goes to
-  ``jax.random.bits``.
+  ``jax.random.bits``. The whole draw at once: the probe hashes each leaf's
+  words apart (:func:`_leaf_words`), and ``tests/test_probes.py`` pins
+  this against ``jax.random.bits`` for every kind of key.
   """
   key_data = _threefry_key_data(key, count)
   if key_data is None:
