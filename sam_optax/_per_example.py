@@ -201,7 +201,8 @@ def split_key(key: jax.Array, num: int) -> jax.Array:
 
 WORDS_PER_KERNEL = 512
 """The most words a Threefry expression of :func:`rademacher_like` hashes
-for a leaf of at most that many words (larger leaves share one).
+for leaves of at most that many words (for larger ones see
+:data:`LARGE_WORDS_PER_KERNEL`).
 
 XLA:CPU's cost model rates a fused kernel by every operation inside it, and
 splits one rated above about two 100 µs shares across its thread pool
@@ -231,8 +232,8 @@ def _gather(words: jax.Array, indices: np.ndarray) -> jax.Array:
   )
 
 
-def _word_range(start: int, count: int) -> np.ndarray:
-  return np.arange(start, start + count, dtype=np.int32)
+def _word_range(start: int, count: int, dtype: Any = np.int32) -> np.ndarray:
+  return np.arange(start, start + count, dtype=dtype)
 
 
 LARGE_WORDS_PER_KERNEL = 16384
@@ -278,9 +279,9 @@ def _leaf_words(
     groups = min(len(members), max(1, -(-len(members) * count // budget)))
     for group in np.array_split(np.asarray(members), groups):
       counters = np.concatenate(
-        [_word_range(starts[index], count) for index in group]
+        [_word_range(starts[index], count, np.uint32) for index in group]
       )
-      hashed = _words_at(key_data, counters.astype(np.uint32))
+      hashed = _words_at(key_data, counters)
       if large:  # hashed in a kernel of its own (a gather stops the fusion)
         hashed = _gather(hashed, np.arange(counters.size, dtype=np.int32))
       for row, index in enumerate(group):
