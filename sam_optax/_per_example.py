@@ -177,23 +177,19 @@ def split_key(key: jax.Array, num: int) -> jax.Array:
   made RW-SAM's step hand work to XLA's thread pool where SAM's does not.
   Any other key goes to ``jax.random.split``.
   """
-  if (
-    not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-    or jnp.ndim(key) != 0
-    or _threefry_key_data(key, num) is None
+  key_data = None
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and not jnp.ndim(
+    key
   ):
+    key_data = _threefry_key_data(key, num)
+  if key_data is None:
     return jax.random.split(key, num)
   low = jax.lax.iota(jnp.uint32, num)
-  first, second = _threefry2x32(
-    jax.random.key_data(key), jnp.zeros_like(low), low
-  )
-  # Gathered, so that XLA computes the keys once: otherwise it fuses their
-  # rounds into every kernel that reads them (each leaf's probe kernel),
-  # which the cost model then rates at twice the work.
-  data = _gather(
-    jnp.stack([first, second], axis=-1).reshape(-1),
-    np.arange(2 * num, dtype=np.int32),
-  )
+  first, second = _threefry2x32(key_data, jnp.zeros_like(low), low)
+  # In a kernel of their own, so that XLA computes the keys once: otherwise
+  # it fuses their rounds into every kernel that reads them (each leaf's
+  # probe kernel), which the cost model then rates at twice the work.
+  data = _in_own_kernel(jnp.stack([first, second], axis=-1).reshape(-1))
   return jax.random.wrap_key_data(
     data.reshape(num, 2), impl=jax.random.key_impl(key)
   )
@@ -236,6 +232,12 @@ def _word_range(start: int, count: int, dtype: Any = np.int32) -> np.ndarray:
   return np.arange(start, start + count, dtype=dtype)
 
 
+def _in_own_kernel(words: jax.Array) -> jax.Array:
+  """``words`` (a vector), computed in a kernel of their own: a gather at the
+  identity stops XLA from fusing their computation into every consumer."""
+  return _gather(words, _word_range(0, words.shape[0]))
+
+
 LARGE_WORDS_PER_KERNEL = 16384
 """The most words one kernel hashes for leaves of over :data:`WORDS_PER_KERNEL`
 words: groups of such leaves are hashed once each, then gathered per leaf.
@@ -261,7 +263,7 @@ def _leaf_words(
   thread. Larger leaves are hashed in groups of at most
   :data:`LARGE_WORDS_PER_KERNEL` words, each hashed once, then gathered.
   """
-  total = starts[-1] if len(starts) else 0
+  total = starts[-1]
   key_data = _threefry_key_data(key, total)
   if key_data is None:  # another generator: one draw, gathered per leaf
     draw = jax.random.bits(key, (total,), jnp.uint32)
@@ -282,8 +284,8 @@ def _leaf_words(
         [_word_range(starts[index], count, np.uint32) for index in group]
       )
       hashed = _words_at(key_data, counters)
-      if large:  # hashed in a kernel of its own (a gather stops the fusion)
-        hashed = _gather(hashed, np.arange(counters.size, dtype=np.int32))
+      if large:
+        hashed = _in_own_kernel(hashed)
       for row, index in enumerate(group):
         words[index] = _gather(hashed, _word_range(row * count, count))
   return words

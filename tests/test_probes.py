@@ -224,6 +224,12 @@ def test_the_probe_is_the_documented_unpacking_of_one_draw():
     assert leaf.shape == like.shape
 
 
+def _shifted(tree, key):
+  """``w + σv``: the probe as RW-SAM's probe pass uses it."""
+  probe = _probe(key, tree)
+  return jax.tree.map(lambda w, v: w + 1e-4 * v, tree, probe)
+
+
 def _distinct_fusions(hlo_text):
   """The fused computations of an optimized HLO module, as many as differ
   once names and metadata are dropped: XLA:CPU compiles one kernel for each
@@ -249,15 +255,11 @@ def test_leaves_of_one_shape_share_their_compiled_kernels(large):
   groups of near-equal sizes (at most two a shape), and so are leaves over
   ``WORDS_PER_KERNEL`` words (in larger groups, each hashed once)."""
 
-  def shifted(tree, key):
-    probe = _probe(key, tree)
-    return jax.tree.map(lambda w, v: w + 1e-4 * v, tree, probe)
-
   def kernels(n):
     tree = [jnp.zeros((64, 48))] * n + [jnp.zeros(48)] * n
     if large:  # n leaves of one word over the bound
       tree += [jnp.zeros((_per_example.WORDS_PER_KERNEL + 1) * WORD)] * n
-    compiled = jax.jit(shifted).lower(tree, jax.random.key(0)).compile()
+    compiled = jax.jit(_shifted).lower(tree, jax.random.key(0)).compile()
     return _distinct_fusions(compiled.as_text())
 
   counts = [kernels(n) for n in (8, 16, 32)]
@@ -378,12 +380,8 @@ def test_small_leaves_probe_kernels_stay_on_one_thread():
   of 64 k entries (2048 words) is split, so the check reads the
   partitions."""
 
-  def shifted(tree, key):
-    probe = _probe(key, tree)
-    return jax.tree.map(lambda w, v: w + 1e-4 * v, tree, probe)
-
   def parts(tree):
-    compiled = jax.jit(shifted).lower(tree, jax.random.key(0)).compile()
+    compiled = jax.jit(_shifted).lower(tree, jax.random.key(0)).compile()
     return _threads_per_loop(compiled.as_text())
 
   small = [jnp.zeros((128, 128)), jnp.zeros(128)] * 8 + [jnp.zeros((128, 10))]
