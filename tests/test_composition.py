@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import sam_optax
+from sam_optax import _per_example
 
 from _problems import add
 from _problems import global_norm
@@ -109,6 +110,26 @@ def rw_sam_gradient(params, batch, rho=RHO, lam=LAM):
   return perturbed(params, batch, g_p, rho)
 
 
+PROBE_KEY = jax.random.key(17)
+"""The key every step of these tests passes (``_jit_update``): RW-SAM's
+finite-difference probe is then the same in the step and in its formula."""
+
+
+@jax.jit
+def rw_sam_probe_gradient(params, batch, rho=RHO, lam=LAM, sigma=1e-4):
+  """RW-SAM as the paper takes it: ``s_i = |ℓ_i(w + σv) − ℓ_i(w)|/σ`` along
+  the probe ``v`` of ``jax.random.split(PROBE_KEY, 1)[0]``, then
+  ``g_p = ∇ Σ_i p_i ℓ_i``, ``p = softmax(ŝ/λ)``, ``ŝ = s / mean s``."""
+  (probe_key,) = jax.random.split(PROBE_KEY, 1)
+  probe = _per_example.rademacher_like(probe_key, params)
+  losses = mlp_loss(params, batch)
+  ahead = mlp_loss(add(params, probe, sigma), batch)
+  norms = jnp.abs(ahead - losses) / sigma
+  weights = jax.nn.softmax(norms / jnp.mean(norms) / lam)
+  g_p = jax.grad(lambda p: jnp.sum(weights * mlp_loss(p, batch)))(params)
+  return perturbed(params, batch, g_p, rho)
+
+
 # name -> (make the transform, formula(params, batch), pass the clean gradient)
 VARIANTS = {
   "sam": (lambda: sam_optax.sam(RHO), sam_gradient, True),
@@ -124,6 +145,12 @@ VARIANTS = {
   "rw_sam": (
     lambda: sam_optax.rw_sam(RHO, LAM, gradient_norms="exact"),
     rw_sam_gradient,
+    False,
+  ),
+  # The default: norms from the finite-difference probe (the step's key).
+  "rw_sam_probe": (
+    lambda: sam_optax.rw_sam(RHO, LAM),
+    rw_sam_probe_gradient,
     False,
   ),
 }
@@ -152,7 +179,7 @@ def _jit_update(tx, loss_fn=mlp_loss):
   """``tx.update`` with ``loss_fn``, compiled (much faster here than running
   a first step op by op)."""
   return jax.jit(
-    lambda grads, state, params, batch, key=None: tx.update(
+    lambda grads, state, params, batch, key=PROBE_KEY: tx.update(
       grads, state, params, loss_fn=loss_fn, batch=batch, key=key
     )
   )
